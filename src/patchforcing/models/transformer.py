@@ -1,0 +1,463 @@
+"""The Patch Forcing Transformer (PFT) and its SiT baseline.
+
+One readable file in the manner of DiT's ``models.py``: embedders, block, final layer, the
+transformer. The network knows nothing of the flow objective or the samplers: it maps
+``(x, t, y)`` to a velocity and (optionally) a per-pixel log-variance.
+
+Shapes used below: ``B`` batch, ``C`` input channels, ``H, W`` input size, ``p`` patch size,
+``h = H / p``, ``w = W / p``, ``N = h * w`` tokens (row-major over the patch grid), ``D`` width.
+
+Per-patch conditioning (the PFT change to DiT) makes every adaLN modulation a function of the
+token. Whenever tokens share a ``(t, y)`` pair -- one time per image in Euler sampling, two or a
+few values in the adaptive samplers -- the embedding and every modulation are computed once per
+distinct pair and gathered (:class:`Conditioning`), which gives the same numbers as the
+per-token computation at a fraction of its cost.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "ModelConfig",
+    "PatchForcingTransformer",
+    "Conditioning",
+    "timestep_features",
+    "sincos_pos_embed_2d",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Fixed embeddings
+# --------------------------------------------------------------------------------------------
+
+
+def timestep_features(t: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal features of times in ``[0, 1]`` (no x1000 scaling), cosines first.
+
+    Args:
+        t: ``(M,)`` times.
+    Returns:
+        ``(M, dim)`` float32 features ``cat(cos(t * f), sin(t * f))`` with
+        ``f_k = exp(-ln(max_period) * k / half)``, ``half = dim // 2``.
+    """
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    )
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+    omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+    omega = 1.0 / 10000**omega  # (dim/2,)
+    out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)  # (M, dim)
+
+
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> Tensor:
+    """Fixed 2-D sin-cos position embedding of a ``grid_h x grid_w`` token grid.
+
+    The first half of the channels encodes the column index, the second half the row index;
+    each half is ``[sin(pos * w_k), cos(pos * w_k)]`` with ``w_k = 10000^(-k / (dim/4))``.
+
+    Returns:
+        ``(1, grid_h * grid_w, dim)`` float32, tokens in row-major order.
+    """
+    if dim % 4:
+        raise ValueError(f"the position embedding needs a width divisible by 4, got {dim}")
+    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+    emb = np.concatenate([_sincos_1d(dim // 2, cols), _sincos_1d(dim // 2, rows)], axis=1)
+    return torch.from_numpy(emb).float().unsqueeze(0)
+
+
+# --------------------------------------------------------------------------------------------
+# Conditioning: per image, per token, or per distinct (t, y) pair
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Conditioning:
+    """The conditioning vectors of a batch, stored once per distinct value.
+
+    ``table`` holds conditioning vectors; ``index`` says which one every token uses:
+
+    * ``index is None``: ``table`` is ``(B, 1, D)`` (one vector per image, broadcast over
+      tokens) or ``(B, N, D)`` (one per token).
+    * otherwise ``table`` is ``(U, D)`` and ``index`` is ``(B, N)`` long into it.
+
+    :meth:`project` applies a layer to the distinct vectors only and gathers the result.
+    """
+
+    table: Tensor
+    index: Tensor | None = None
+
+    def project(self, layer: nn.Module) -> Tensor:
+        """``layer(c)`` for every token: ``(B, 1, K)`` or ``(B, N, K)``."""
+        out = layer(self.table)
+        return out if self.index is None else out[self.index]
+
+
+# --------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------
+
+
+class TimestepEmbedder(nn.Module):
+    """Times in ``[0, 1]`` -> ``(M, D)``: sinusoidal features, Linear, SiLU, Linear."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+
+    def forward(self, t: Tensor) -> Tensor:
+        feats = timestep_features(t, self.frequency_embedding_size)
+        return self.mlp(feats.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels ``(M,)`` in ``[0, num_classes]`` -> ``(M, D)``; row ``num_classes`` is null.
+
+    Label dropout for classifier-free guidance is the training loop's business (it replaces
+    labels by ``num_classes``), so the embedder is a plain table.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, y: Tensor) -> Tensor:
+        return self.embedding_table(y)
+
+
+class PatchEmbed(nn.Module):
+    """``(B, C, H, W)`` -> ``(B, N, D)`` with a ``p x p`` stride-``p`` convolution."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: fused qkv ``(3, heads, head_dim)`` layout, SDPA, projection."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class Block(nn.Module):
+    """adaLN-Zero transformer block with per-token (or shared) modulation."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: Tensor, c: Conditioning) -> Tensor:
+        mod = c.project(self.adaLN_modulation)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
+        x = x + gate_msa * self.attn(_modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp * self.mlp(_modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) then a linear map to ``p * p * out_channels`` values per token."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: Tensor, c: Conditioning) -> Tensor:
+        shift, scale = c.project(self.adaLN_modulation).chunk(2, dim=-1)
+        return self.linear(_modulate(self.norm_final(x), shift, scale))
+
+
+# --------------------------------------------------------------------------------------------
+# The transformer
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a :class:`PatchForcingTransformer` (saved with weights)."""
+
+    input_size: int | tuple[int, int] = 32
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    per_patch_time: bool = True
+    predict_uncertainty: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if isinstance(d["input_size"], tuple):
+            d["input_size"] = list(d["input_size"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {unknown}; known: {sorted(known)}")
+        d = dict(d)
+        if isinstance(d.get("input_size"), list):
+            d["input_size"] = tuple(d["input_size"])
+        return cls(**d)
+
+
+class PatchForcingTransformer(nn.Module):
+    """DiT/SiT backbone with per-patch time conditioning and a log-variance head.
+
+    ``per_patch_time=False, predict_uncertainty=False`` is the SiT baseline (one time per image,
+    ``C`` output channels). The default is PFT: every token has its own time, and the final layer
+    emits one extra channel, the per-pixel log-variance.
+
+    Call ``model(x, t, y)``:
+
+    Args:
+        x: ``(B, C, H, W)`` input.
+        t: ``(B,)`` one time per image, or ``(B, N)`` one per patch, in ``[0, 1]``
+            (0 = noise, 1 = data).
+        y: ``(B,)`` long labels in ``[0, num_classes]`` (``num_classes`` is the null class),
+            or ``None`` for the null class everywhere.
+    Returns:
+        ``(v, logvar)``: ``v`` ``(B, C, H, W)`` velocity; ``logvar`` ``(B, 1, H, W)`` or ``None``
+        for a model without the head.
+    """
+
+    def __init__(
+        self,
+        input_size: int | tuple[int, int] = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 1000,
+        per_patch_time: bool = True,
+        predict_uncertainty: bool = True,
+    ):
+        super().__init__()
+        size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+        if len(size) != 2 or any(s % patch_size for s in size):
+            raise ValueError(f"input size {input_size} is not a multiple of patch size {patch_size}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        self.config = ModelConfig(
+            input_size=input_size if isinstance(input_size, int) else size,
+            patch_size=patch_size,
+            in_channels=in_channels,
+            hidden_size=hidden_size,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            num_classes=num_classes,
+            per_patch_time=per_patch_time,
+            predict_uncertainty=predict_uncertainty,
+        )
+        self.image_size: tuple[int, int] = size
+        self.grid_size: tuple[int, int] = (size[0] // patch_size, size[1] // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.per_patch_time = per_patch_time
+        self.predict_uncertainty = predict_uncertainty
+        self.out_channels = in_channels + (1 if predict_uncertainty else 0)
+        #: compute embeddings/modulations once per distinct (t, y) pair when that saves work
+        self.shared_conditioning = True
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList(Block(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    # ---- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: ModelConfig | dict[str, Any]) -> "PatchForcingTransformer":
+        if isinstance(config, dict):
+            config = ModelConfig.from_dict(config)
+        return cls(**asdict(config))
+
+    def initialize_weights(self) -> None:
+        """DiT initialisation; all adaLN outputs and the final linear are zero (v = 0, logvar = 0)."""
+
+        def _basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(_basic_init)
+        with torch.no_grad():
+            self.pos_embed.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], *self.grid_size))
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    # ---- conditioning ----------------------------------------------------------------------
+
+    def _embed(self, t: Tensor, y: Tensor) -> Tensor:
+        """``(M,)`` times and ``(M,)`` labels -> ``(M, D)`` conditioning vectors."""
+        return self.t_embedder(t) + self.y_embedder(y).to(self.t_embedder.mlp[0].weight.dtype)
+
+    def conditioning(self, t: Tensor, y: Tensor) -> Conditioning:
+        """Build the conditioning of a batch.
+
+        Args:
+            t: ``(B,)`` or ``(B, N)`` times.
+            y: ``(B,)`` long labels.
+        """
+        B = y.shape[0]
+        if t.dim() == 1:
+            return Conditioning(self._embed(t, y)[:, None, :])
+        N = t.shape[1]
+        fast = self.shared_conditioning and not torch.compiler.is_compiling()
+        if fast and bool((t == t[:, :1]).all()):
+            # one time per image: exactly the SiT computation
+            return Conditioning(self._embed(t[:, 0], y)[:, None, :])
+        if fast:
+            pairs = torch.stack([t.double(), y.double()[:, None].expand(B, N)], dim=-1).reshape(-1, 2)
+            uniq, inverse = torch.unique(pairs, dim=0, return_inverse=True)
+            if 4 * uniq.shape[0] <= B * N:
+                table = self._embed(uniq[:, 0].to(t.dtype), uniq[:, 1].long())
+                return Conditioning(table, inverse.view(B, N))
+        emb = self._embed(t.reshape(-1), y[:, None].expand(B, N).reshape(-1))
+        return Conditioning(emb.view(B, N, -1))
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    def _check_inputs(self, x: Tensor, t: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
+        if x.dim() != 4 or x.shape[1] != self.in_channels or tuple(x.shape[2:]) != self.image_size:
+            raise ValueError(
+                f"x must have shape (B, {self.in_channels}, {self.image_size[0]}, {self.image_size[1]}), "
+                f"got {tuple(x.shape)}"
+            )
+        B = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        if t.dim() == 0:
+            t = t.expand(B)
+        if t.dim() == 1 and t.shape[0] == B:
+            pass
+        elif t.dim() == 2 and t.shape == (B, self.num_patches):
+            if not self.per_patch_time:
+                if not bool((t == t[:, :1]).all()):
+                    raise ValueError(
+                        "this model takes one time per image (per_patch_time=False) but t has "
+                        "different values within a row; use a PFT model for per-patch times"
+                    )
+                t = t[:, 0]
+        else:
+            raise ValueError(f"t must have shape ({B},) or ({B}, {self.num_patches}), got {tuple(t.shape)}")
+        if y is None:
+            y = torch.full((B,), self.num_classes, dtype=torch.long, device=x.device)
+        else:
+            y = torch.as_tensor(y, device=x.device)
+            if y.shape != (B,):
+                raise ValueError(f"y must have shape ({B},), got {tuple(y.shape)}")
+            if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+                raise ValueError(f"y must be an integer tensor of class labels, got dtype {y.dtype}")
+            y = y.long()
+        return t, y
+
+    def unpatchify(self, tokens: Tensor) -> Tensor:
+        """``(B, N, p * p * K)`` ordered (patch_row, patch_col, channel) -> ``(B, K, H, W)``."""
+        B = tokens.shape[0]
+        p = self.patch_size
+        h, w = self.grid_size
+        k = tokens.shape[-1] // (p * p)
+        x = tokens.reshape(B, h, w, p, p, k)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(B, k, h * p, w * p)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        t, y = self._check_inputs(x, t, y)
+        c = self.conditioning(t, y)
+        h = self.x_embedder(x) + self.pos_embed
+        for block in self.blocks:
+            h = block(h, c)
+        out = self.unpatchify(self.final_layer(h, c))
+        if self.predict_uncertainty:
+            return out[:, : self.in_channels], out[:, self.in_channels :]
+        return out, None
+
+    def extra_repr(self) -> str:
+        c = self.config
+        kind = "PFT" if c.per_patch_time else "SiT"
+        return (
+            f"kind={kind}, input_size={c.input_size}, patch_size={c.patch_size}, "
+            f"in_channels={c.in_channels}, num_classes={c.num_classes}, "
+            f"uncertainty={c.predict_uncertainty}"
+        )
