@@ -1,0 +1,32 @@
+# Two entry points for a fresh machine (CPU, Python >= 3.10):
+#   make demo   set up .venv and run the CPU demo (train a small PFT, sample, write demo-out/)
+#   make test   set up .venv and run the test suite (what .ci/run calls)
+# The CPU build of torch is pinned: an unpinned `torch` would pull a multi-GB CUDA build.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[test]" "$(TORCH_SPEC)"
+	touch $@
+
+demo: setup
+	$(BIN)/patchforcing demo --out demo-out
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/inference_step.py
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

@@ -1,0 +1,96 @@
+"""One network evaluation inside a sampler: classifier-free guidance, NFE accounting.
+
+A *call* is one forward pass of the network; the NFE of an image counts a guided call twice
+(the doubled batch: null labels first, then the real ones). Guidance combines **both** outputs:
+``v = v_u + w (v_c - v_u)`` and, with ``guide_uncertainty``, ``logvar = lv_u + w (lv_c - lv_u)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Prediction", "GuidedModel"]
+
+
+@dataclass
+class Prediction:
+    """One (possibly guided) evaluation.
+
+    Attributes:
+        v: ``(B, C, H, W)`` guided velocity (the plain one without guidance).
+        logvar: ``(B, 1, H, W)`` guided (or conditional) log-variance, ``None`` without a head.
+        v_cond: ``(B, C, H, W)`` conditional, unguided velocity (``v`` itself without guidance).
+    """
+
+    v: Tensor
+    logvar: Tensor | None
+    v_cond: Tensor
+
+
+class GuidedModel:
+    """Calls ``model(x, t, y) -> (v, logvar)`` with optional CFG and counts the work done.
+
+    Args:
+        model: the network.
+        y: ``(B,)`` long labels or ``None`` (unconditional: the null class, never guided).
+        cfg_scale: guidance scale ``w``; 1 means no guidance (one plain call).
+        guidance_interval: ``(lo, hi)``: guidance only at steps whose start time ``s`` satisfies
+            ``lo <= s <= hi``; ``None`` means everywhere.
+        guide_uncertainty: combine the log-variances with the same rule as the velocities
+            (default, as in the paper); otherwise use the conditional log-variance.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        y: Tensor | None,
+        cfg_scale: float = 1.0,
+        guidance_interval: tuple[float, float] | None = None,
+        guide_uncertainty: bool = True,
+    ):
+        self.model = model
+        self.y = y
+        self.cfg_scale = float(cfg_scale)
+        self.guidance_interval = guidance_interval
+        self.guide_uncertainty = guide_uncertainty
+        self.calls = 0
+        self.nfe = 0
+        self._y_doubled: Tensor | None = None
+        if y is not None and self.cfg_scale != 1.0:
+            null = torch.full_like(y, model.num_classes)
+            self._y_doubled = torch.cat([null, y])
+
+    def guided_at(self, s: float) -> bool:
+        """Whether a call made in a step starting at time ``s`` is guided (costs 2 NFE)."""
+        if self._y_doubled is None:
+            return False
+        if self.guidance_interval is None:
+            return True
+        lo, hi = self.guidance_interval
+        return lo <= s <= hi
+
+    def __call__(self, x: Tensor, t: Tensor, s: float) -> Prediction:
+        """Evaluate at state ``x`` ``(B, C, H, W)`` and times ``t`` ``(B,)`` or ``(B, N)``.
+
+        ``s`` is the start time of the sampler step this call belongs to (for the interval).
+        """
+        self.calls += 1
+        if not self.guided_at(s):
+            self.nfe += 1
+            v, logvar = self.model(x, t, self.y)
+            v = v.to(x.dtype)
+            logvar = None if logvar is None else logvar.to(x.dtype)
+            return Prediction(v, logvar, v)
+        self.nfe += 2
+        w = self.cfg_scale
+        v2, lv2 = self.model(torch.cat([x, x]), torch.cat([t, t]), self._y_doubled)
+        v_u, v_c = v2.to(x.dtype).chunk(2)
+        v = v_u + w * (v_c - v_u)
+        logvar = None
+        if lv2 is not None:
+            lv_u, lv_c = lv2.to(x.dtype).chunk(2)
+            logvar = lv_u + w * (lv_c - lv_u) if self.guide_uncertainty else lv_c
+        return Prediction(v, logvar, v_c)

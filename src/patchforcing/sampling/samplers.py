@@ -1,0 +1,337 @@
+"""ODE integrators: ``euler``, ``euler_pf``, ``dual_loop`` and ``look_ahead`` (method.md section 4).
+
+Every sampler integrates ``dx/dt = v(x, t)`` over an increasing time grid
+``s_0 < s_1 < ... < s_K`` (t = 0 noise, t = 1 data) and only talks to the network through a
+:class:`~patchforcing.sampling.guidance.GuidedModel`. A sampler knows in advance which calls it
+will make (:meth:`Sampler.call_times`), so the NFE of a run is known before it starts and a
+step count can be chosen to fit an NFE budget.
+
+Difficulty map: ``exp(logvar)`` averaged over each ``p x p`` patch; the *certain* patches are
+those strictly below the per-image ``q``-quantile (linear, float64) of the per-pixel map in
+which each patch value is repeated ``p * p`` times (:func:`certain_mask`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+from torch import Tensor
+
+from ..flow.path import clean_estimate, patch_to_pixel, pixel_to_patch
+from .guidance import GuidedModel, Prediction
+
+__all__ = [
+    "SAMPLERS",
+    "Sampler",
+    "Euler",
+    "EulerPF",
+    "DualLoop",
+    "LookAhead",
+    "CallRecord",
+    "certain_mask",
+    "make_sampler",
+    "make_time_grid",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Time grids and the difficulty mask
+# --------------------------------------------------------------------------------------------
+
+TimeGrid = Tensor | Sequence[float] | Callable[[int], Any] | str | None
+
+
+def make_time_grid(steps: int, grid: TimeGrid = None) -> Tensor:
+    """The time grid of a run, ``(K + 1,)`` float64, strictly increasing, within ``[0, 1]``.
+
+    Args:
+        steps: ``K``; ignored when ``grid`` is an explicit sequence.
+        grid: ``None``/``"uniform"`` (``linspace(0, 1, K + 1)``); a callable ``K -> grid``; or an
+            explicit sequence/tensor of times.
+    """
+    if grid is None or (isinstance(grid, str) and grid == "uniform"):
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        out = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+    elif isinstance(grid, str):
+        raise ValueError(f"unknown time grid {grid!r}; use 'uniform', a callable or a sequence of times")
+    elif callable(grid):
+        out = torch.as_tensor(grid(steps), dtype=torch.float64).flatten()
+    else:
+        out = torch.as_tensor(grid, dtype=torch.float64).flatten()
+    if out.numel() < 2:
+        raise ValueError(f"a time grid needs at least 2 points, got {out.numel()}")
+    if not bool((out[1:] > out[:-1]).all()):
+        raise ValueError(f"the time grid must be strictly increasing, got {out.tolist()}")
+    if out[0] < 0 or out[-1] > 1:
+        raise ValueError(f"the time grid must lie within [0, 1], got [{out[0]:.4g}, {out[-1]:.4g}]")
+    return out
+
+
+def certain_mask(logvar: Tensor, q: float, patch_size: int) -> Tensor:
+    """Certain patches of each image: patch variance strictly below the per-image q-quantile.
+
+    Args:
+        logvar: ``(B, 1, H, W)`` log-variance.
+        q: quantile in ``[0, 1]`` (the samplers' ``p``; 0.4 marks 102 of 256 distinct patches).
+        patch_size: ``p`` of the model (pooling cell).
+    Returns:
+        ``(B, N)`` bool, True = certain.
+    """
+    patch_var = pixel_to_patch(logvar.float().exp(), patch_size).double()  # (B, N)
+    per_pixel = patch_var.repeat_interleave(patch_size * patch_size, dim=1)  # (B, N p^2)
+    threshold = torch.quantile(per_pixel, q, dim=1, keepdim=True, interpolation="linear")
+    return patch_var < threshold
+
+
+# --------------------------------------------------------------------------------------------
+# Recording (for pictures); free when off
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CallRecord:
+    """What one network call saw and said (tensors on the CPU).
+
+    Attributes:
+        step: outer step index ``k``; ``call``: index of the call in the run;
+        s: the step's start time ``s_k``; ``s_next``: its end time;
+        t: ``(B, N)`` per-patch times of the call; x: ``(B, C, H, W)`` its input;
+        v: ``(B, C, H, W)`` guided velocity; logvar: ``(B, 1, H, W)`` or ``None``;
+        mask: ``(B, N)`` bool certain patches (``None`` where the sampler has no mask);
+        x1_hat: ``(B, C, H, W)`` clean estimate ``x + (1 - t) v``.
+    """
+
+    step: int
+    call: int
+    s: float
+    s_next: float
+    t: Tensor
+    x: Tensor
+    v: Tensor
+    logvar: Tensor | None
+    mask: Tensor | None
+    x1_hat: Tensor
+
+
+class _Recorder:
+    def __init__(self, enabled: bool, patch_size: int, num_patches: int):
+        self.enabled = enabled
+        self.patch_size = patch_size
+        self.num_patches = num_patches
+        self.items: list[CallRecord] = []
+
+    def add(self, step: int, s: float, s_next: float, t: Tensor, x: Tensor, pred: Prediction,
+            mask: Tensor | None) -> None:
+        if not self.enabled:
+            return
+        B = x.shape[0]
+        tt = t.expand(B, self.num_patches) if t.dim() == 2 else t[:, None].expand(B, self.num_patches)
+        self.items.append(
+            CallRecord(
+                step=step,
+                call=len(self.items),
+                s=s,
+                s_next=s_next,
+                t=tt.detach().float().cpu().clone(),
+                x=x.detach().float().cpu().clone(),
+                v=pred.v.detach().float().cpu().clone(),
+                logvar=None if pred.logvar is None else pred.logvar.detach().float().cpu().clone(),
+                mask=None if mask is None else mask.detach().cpu().clone(),
+                x1_hat=clean_estimate(x, pred.v, t, self.patch_size).detach().float().cpu(),
+            )
+        )
+
+
+@dataclass
+class StepContext:
+    """What a sampler step may use: the guided network, the patch geometry, the recorder."""
+
+    model: GuidedModel
+    patch_size: int
+    num_patches: int
+    recorder: _Recorder
+
+    def full(self, x: Tensor, s: float) -> Tensor:
+        """``(B,)`` time ``s`` for every image (the model's shared-time path)."""
+        return torch.full((x.shape[0],), s, dtype=x.dtype, device=x.device)
+
+    def pixels(self, mask: Tensor, x: Tensor) -> Tensor:
+        """``(B, N)`` bool -> ``(B, 1, H, W)`` bool."""
+        return patch_to_pixel(mask, self.patch_size, x.shape[-2], x.shape[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# Samplers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Base class: a frozen dataclass of options with a step rule.
+
+    Subclasses set ``name``, ``needs_uncertainty`` and implement :meth:`call_times` (the step
+    start time of each call a step makes) and :meth:`step`.
+    """
+
+    name: ClassVar[str] = ""
+    needs_uncertainty: ClassVar[bool] = False
+
+    def call_times(self, s: float) -> int:
+        """Number of network calls made by a step starting at ``s``."""
+        return 1
+
+    def plan(self, grid: Tensor, guided_at: Callable[[float], bool]) -> tuple[int, int]:
+        """``(calls, nfe per image)`` of a run over ``grid`` (exact; no network call)."""
+        calls = nfe = 0
+        for s in grid[:-1].tolist():
+            n = self.call_times(s)
+            calls += n
+            nfe += n * (2 if guided_at(s) else 1)
+        return calls, nfe
+
+    def step(self, ctx: StepContext, x: Tensor, k: int, s: float, s_next: float) -> Tensor:
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class Euler(Sampler):
+    """Plain Euler: ``x += (s_{k+1} - s_k) v(x, s_k)``; one call per step (the SiT sampler)."""
+
+    name: ClassVar[str] = "euler"
+
+    def step(self, ctx: StepContext, x: Tensor, k: int, s: float, s_next: float) -> Tensor:
+        t = ctx.full(x, s)
+        pred = ctx.model(x, t, s)
+        ctx.recorder.add(k, s, s_next, t, x, pred, self._record_mask(ctx, pred))
+        return x + (s_next - s) * pred.v
+
+    def _record_mask(self, ctx: StepContext, pred: Prediction) -> Tensor | None:
+        return None
+
+
+@dataclass(frozen=True)
+class EulerPF(Euler):
+    """Euler on a PFT (all patches share the time); records the difficulty mask at quantile ``p``."""
+
+    name: ClassVar[str] = "euler_pf"
+    p: float = 0.4
+
+    def _record_mask(self, ctx: StepContext, pred: Prediction) -> Tensor | None:
+        if not ctx.recorder.enabled or pred.logvar is None:
+            return None
+        return certain_mask(pred.logvar, self.p, ctx.patch_size)
+
+
+@dataclass(frozen=True)
+class DualLoop(Sampler):
+    """Dual-loop sampler: certain patches take the full step, uncertain ones ``n_inner`` sub-steps.
+
+    At outer step ``k`` one call at ``s_k`` gives ``v`` and the mask (fixed for the step).
+    Certain patches: ``x += Delta v``; uncertain: ``x += (Delta / n_inner) v``. Then
+    ``n_inner - 1`` calls, with the certain patches at ``s_{k+1}`` acting as context and the
+    uncertain ones at ``s_k + j Delta / n_inner``, advance only the uncertain patches.
+    ``n_inner`` calls per step; ``n_inner = 1`` is Euler.
+    """
+
+    name: ClassVar[str] = "dual_loop"
+    needs_uncertainty: ClassVar[bool] = True
+    p: float = 0.4
+    n_inner: int = 4
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.p <= 1.0:
+            raise ValueError(f"dual_loop: p must be in [0, 1], got {self.p}")
+        if int(self.n_inner) != self.n_inner or self.n_inner < 1:
+            raise ValueError(f"dual_loop: n_inner must be an integer >= 1, got {self.n_inner}")
+
+    def call_times(self, s: float) -> int:
+        return int(self.n_inner)
+
+    def step(self, ctx: StepContext, x: Tensor, k: int, s: float, s_next: float) -> Tensor:
+        n = int(self.n_inner)
+        delta = s_next - s
+        inner = delta / n
+        t = ctx.full(x, s)
+        pred = ctx.model(x, t, s)
+        mask = certain_mask(pred.logvar, self.p, ctx.patch_size)
+        ctx.recorder.add(k, s, s_next, t, x, pred, mask)
+        mpix = ctx.pixels(mask, x)
+        x = x + torch.where(mpix, delta, inner) * pred.v
+        uncertain = ~mpix
+        for j in range(1, n):
+            t_tok = torch.where(mask, s_next, s + j * inner).to(x.dtype)  # (B, N)
+            pred = ctx.model(x, t_tok, s)
+            ctx.recorder.add(k, s, s_next, t_tok, x, pred, mask)
+            x = torch.where(uncertain, x + inner * pred.v, x)
+        return x
+
+
+@dataclass(frozen=True)
+class LookAhead(Sampler):
+    """Look-ahead sampler: certain patches are moved ahead to give the uncertain ones context.
+
+    One call at ``s_k`` gives the guided ``v``, the conditional ``v_c`` and the mask. While
+    ``s_k <= early_t`` (0.05) it takes a plain Euler step with ``v_c``. Otherwise the certain
+    patches move to ``s_ctx = min(context_ratio * s_k, 1)`` with ``v_c``, a second call on that
+    state gives ``v_ctx``, and ``x += Delta v`` on certain patches, ``x += Delta v_ctx`` on the
+    uncertain ones. Two calls per step (one in the early steps).
+    """
+
+    name: ClassVar[str] = "look_ahead"
+    needs_uncertainty: ClassVar[bool] = True
+    p: float = 0.4
+    context_ratio: float = 1.4
+    early_t: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.p <= 1.0:
+            raise ValueError(f"look_ahead: p must be in [0, 1], got {self.p}")
+        if self.context_ratio < 1.0:
+            raise ValueError(f"look_ahead: context_ratio must be >= 1, got {self.context_ratio}")
+
+    def call_times(self, s: float) -> int:
+        return 1 if s <= self.early_t else 2
+
+    def step(self, ctx: StepContext, x: Tensor, k: int, s: float, s_next: float) -> Tensor:
+        delta = s_next - s
+        t = ctx.full(x, s)
+        pred = ctx.model(x, t, s)
+        if s <= self.early_t:
+            ctx.recorder.add(k, s, s_next, t, x, pred, None)
+            return x + delta * pred.v_cond
+        mask = certain_mask(pred.logvar, self.p, ctx.patch_size)
+        ctx.recorder.add(k, s, s_next, t, x, pred, mask)
+        mpix = ctx.pixels(mask, x)
+        s_ctx = min(self.context_ratio * s, 1.0)
+        x_ctx = torch.where(mpix, x + (s_ctx - s) * pred.v_cond, x)
+        t_ctx = torch.where(mask, s_ctx, s).to(x.dtype)  # (B, N)
+        pred_ctx = ctx.model(x_ctx, t_ctx, s)
+        ctx.recorder.add(k, s, s_next, t_ctx, x_ctx, pred_ctx, mask)
+        return x + delta * torch.where(mpix, pred.v, pred_ctx.v)
+
+
+SAMPLERS: dict[str, type[Sampler]] = {c.name: c for c in (Euler, EulerPF, DualLoop, LookAhead)}
+
+
+def make_sampler(name: str, **options: Any) -> Sampler:
+    """A sampler by name with its options, e.g. ``make_sampler("dual_loop", p=0.4, n_inner=4)``."""
+    if isinstance(name, Sampler):
+        if options:
+            raise ValueError("options cannot be combined with a sampler object")
+        return name
+    cls = SAMPLERS.get(name)
+    if cls is None:
+        raise ValueError(f"unknown sampler {name!r}; available: {sorted(SAMPLERS)}")
+    valid = {f.name for f in fields(cls)}
+    bad = sorted(set(options) - valid)
+    if bad:
+        raise ValueError(
+            f"sampler {name!r} does not take option(s) {bad}; its options are {sorted(valid) or 'none'}"
+        )
+    return cls(**options)
