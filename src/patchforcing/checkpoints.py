@@ -41,6 +41,7 @@ __all__ = [
     "save_model",
     "save_released_format",
     "model_from_released_config",
+    "export_run",
 ]
 
 TRAIN_FORMAT = "patchforcing-train"
@@ -371,3 +372,24 @@ def _model_from_torch_object(obj: Any, use_ema: bool, source: str) -> PatchForci
         f"{source}: unrecognised checkpoint layout (top-level keys {sorted(map(str, obj))}); expected "
         "the released {'config', 'state_dict'} dict, an authors' training checkpoint, or ours"
     )
+
+
+def export_run(run: str | os.PathLike, out: str | os.PathLike, use_ema: bool = True) -> Path:
+    """Write a training run's (EMA) weights and config to one self-contained ``.safetensors``.
+
+    Args:
+        run: a run directory (``checkpoints/last.pt`` is used) or a training checkpoint file.
+        out: the ``.safetensors`` file to write.
+        use_ema: export the EMA weights (default) instead of the raw ones.
+    """
+    path = Path(run)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt"
+    obj = safe_torch_load(path)
+    if not isinstance(obj, Mapping) or obj.get("format") != TRAIN_FORMAT:
+        raise CheckpointError(f"{path} is not a patchforcing training checkpoint")
+    model = _model_from_torch_object(obj, use_ema, str(path))
+    meta = {"step": obj.get("step"), "weights": "ema" if use_ema else "raw", "train_config": obj.get("config")}
+    if Path(out).suffix != ".safetensors":
+        raise CheckpointError(f"--out must end in .safetensors, got {out}")
+    return save_model(model, out, metadata=meta)

@@ -1,0 +1,529 @@
+"""The training loop: AdamW + warm-up, clipping, EMA, CFG label dropout, accumulation, bf16,
+DDP, atomic checkpoints, exact resume, sample grids, validation by t-segments, metrics.
+
+Exactness: every random draw of step ``k`` on rank ``r`` (noise, timesteps, label dropout,
+flips are per item) comes from a generator seeded by ``(seed, k, r)``, and the data order is a
+function of the step (:mod:`.data_order`). A run stopped after step ``k`` and resumed therefore
+ends with the same weights as an uninterrupted run. The checkpoint still stores every RNG state
+(Python, NumPy, torch CPU/CUDA) and restores them, for user code that draws from them.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ..checkpoints import TRAIN_FORMAT, safe_torch_load, torch_save_atomic
+from ..data import build_dataset
+from ..flow.loss import patch_flow_loss, segment_losses
+from ..flow.timesteps import make_timestep_sampler
+from ..models import PatchForcingTransformer, create_model
+from ..sampling import sample
+from .config import RESUME_SAFE_KEYS, ExperimentConfig, config_from_dict, config_to_dict, diff_configs, save_config
+from .data_order import EpochIndexed, StepBatchSampler, micro_batch_size
+from .distributed import DistEnv, all_reduce_mean, any_rank, init_distributed, shutdown_distributed
+from .ema import EMA
+
+__all__ = ["Trainer", "TrainResult", "TrainingError", "NonFiniteLossError", "train", "build_model_for"]
+
+CSV_COLUMNS = ["step", "loss", "fm", "nll", "grad_norm", "lr", "ema_decay", "images_per_sec",
+               "val_loss"] + [f"val_seg{j}" for j in range(8)]
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or continue (bad resume, data too small, ...)."""
+
+
+class NonFiniteLossError(TrainingError):
+    """The loss became NaN/inf; the last good checkpoint is left untouched."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or interrupted) run left behind."""
+
+    run_dir: Path
+    step: int
+    interrupted: bool
+    last_checkpoint: Path | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# building blocks
+# --------------------------------------------------------------------------------------------
+
+
+class _Subset(Dataset):
+    """``dataset[indices[i]]`` that forwards ``set_epoch`` (unlike torch's Subset)."""
+
+    def __init__(self, dataset: Dataset, indices: list[int]):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __getitem__(self, i: int):
+        return self.dataset[self.indices[i]]
+
+
+def split_train_val(dataset: Dataset, val_size: int, seed: int = 12345) -> tuple[Dataset, Dataset | None]:
+    """Hold out ``val_size`` items (a fixed, seeded choice) for the validation loss."""
+    n = len(dataset)
+    if val_size <= 0:
+        return dataset, None
+    if val_size >= n // 2:
+        raise TrainingError(f"data.val_size={val_size} leaves too little to train on ({n} items)")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return _Subset(dataset, sorted(perm[val_size:])), _Subset(dataset, sorted(perm[:val_size]))
+
+
+def build_data(cfg: ExperimentConfig) -> Dataset:
+    """The data set of a config (images in [-1, 1], NCHW)."""
+    d = cfg.data
+    if d.kind == "latents":
+        from ..latents import build_latent_dataset  # the latent pipeline
+
+        return build_latent_dataset(d)
+    spec: dict[str, Any] = {"kind": d.kind, "resolution": d.resolution, "seed": d.seed}
+    if d.kind == "synthetic":
+        spec["num_classes"] = d.num_classes if d.num_classes is not None else 8
+        spec["length"] = d.length if d.length is not None else 10_000
+    else:
+        spec["path"] = d.path
+        spec["flip"] = d.flip
+        if d.num_classes is not None:
+            spec["num_classes"] = d.num_classes
+    return build_dataset(spec)
+
+
+def build_model_for(cfg: ExperimentConfig, dataset: Dataset | None = None) -> PatchForcingTransformer:
+    """The model of a config; sizes the config leaves open come from the data set."""
+    m = cfg.model
+    overrides = {k: getattr(m, k) for k in ("depth", "hidden_size", "num_heads", "mlp_ratio") if getattr(m, k) is not None}
+    input_size = m.input_size or getattr(dataset, "input_size", None) or getattr(dataset, "resolution", None) or cfg.data.resolution
+    in_channels = m.in_channels or getattr(dataset, "channels", None) or 3
+    num_classes = m.num_classes if m.num_classes is not None else getattr(dataset, "num_classes", None)
+    if num_classes is None:
+        raise TrainingError("model.num_classes is not set and the data set does not say how many classes it has")
+    return create_model(m.name, input_size=input_size, in_channels=in_channels, num_classes=num_classes, **overrides)
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    """The generator of all random draws of optimiser step ``step`` on rank ``rank``."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step) * 10_007 + rank)
+    return g
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG state, as tensors and plain containers (loads with weights_only)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _ModelView:
+    """``model(x, t, y)`` through the DDP/compiled wrapper, attributes from the raw network."""
+
+    def __init__(self, forward: Callable, raw: PatchForcingTransformer):
+        self._forward, self._raw = forward, raw
+
+    def __call__(self, x, t, y):
+        return self._forward(x, t, y)
+
+    def __getattr__(self, name):
+        return getattr(self._raw, name)
+
+
+# --------------------------------------------------------------------------------------------
+# the trainer
+# --------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Train a PFT/SiT from an :class:`ExperimentConfig` into a run directory.
+
+    Args:
+        cfg: the experiment.
+        run_dir: where config, checkpoints, samples and metrics go.
+        resume: continue from ``run_dir/checkpoints/last.pt`` (refused if the config differs
+            in anything but :data:`RESUME_SAFE_KEYS`).
+        env: the process group (default: from torchrun's environment).
+        decode: maps model outputs to images in [-1, 1] for sample grids (latent models).
+    """
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: str | os.PathLike, resume: bool = False,
+                 env: DistEnv | None = None, decode: Callable[[Tensor], Tensor] | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.env = env or init_distributed(cfg.train.device)
+        self.device = self.env.device
+        self.decode = decode
+        self.stop_requested = False
+        self._on_step_end: list[Callable[["Trainer", int], None]] = []
+
+        tc, oc = cfg.train, cfg.optim
+        self.micro_batch = micro_batch_size(oc.batch_size, self.env.world_size, oc.grad_accum)
+        self.precision = tc.precision
+        if self.precision == "auto":
+            self.precision = "bf16" if self.device.type == "cuda" else "fp32"
+
+        data = build_data(cfg)
+        self.train_data, self.val_data = split_train_val(data, cfg.data.val_size)
+        with torch.random.fork_rng(devices=[]):  # the initial weights depend on train.seed only
+            torch.manual_seed(tc.seed)
+            self.model = build_model_for(cfg, data).to(self.device)
+        self.num_classes = self.model.num_classes
+        self.ema = EMA(self.model, cfg.ema.decay, cfg.ema.warmup)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps,
+                                           weight_decay=oc.weight_decay)
+        warmup = max(0, oc.warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda k: min(1.0, (k + 1) / warmup) if warmup else 1.0)
+        self.timestep_sampler = make_timestep_sampler(cfg.objective.timestep_sampler, **cfg.objective.timestep_options)
+        forward: Callable = self.model
+        if tc.compile:
+            forward = torch.compile(self.model)
+        if self.env.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DDP(forward if isinstance(forward, nn.Module) else self.model, device_ids=ids)
+            forward = self.ddp
+        else:
+            self.ddp = None
+        self.forward = _ModelView(forward, self.model)
+        self.step = 0
+        if resume:
+            self._resume()
+        elif self.env.is_main and (self.ckpt_dir / "last.pt").exists():
+            raise TrainingError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --out")
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "format": TRAIN_FORMAT,
+            "format_version": 1,
+            "model_config": self.model.config.to_dict(),
+            "config": config_to_dict(self.cfg),
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "data_position": {"step": self.step, "consumed_samples": self.step * self.cfg.optim.batch_size,
+                              "global_batch": self.cfg.optim.batch_size},
+            "rng": rng_state(),
+            "world_size": self.env.world_size,
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        """Write ``step_XXXXXXX.pt`` and ``last.pt`` atomically (rank 0); keep the last K."""
+        path = None
+        if self.env.is_main:
+            state = self.checkpoint_state()
+            path = torch_save_atomic(state, self.ckpt_dir / f"step_{self.step:07d}.pt")
+            tmp = self.ckpt_dir / ".last.pt.link"
+            if tmp.exists():
+                tmp.unlink()
+            try:
+                os.link(path, tmp)
+                os.replace(tmp, self.ckpt_dir / "last.pt")
+            except OSError:  # file systems without hard links
+                torch_save_atomic(state, self.ckpt_dir / "last.pt")
+            old = sorted(self.ckpt_dir.glob("step_*.pt"))[: -self.cfg.train.keep_last]
+            for p in old:
+                p.unlink()
+        return path
+
+    def _resume(self) -> None:
+        last = self.ckpt_dir / "last.pt"
+        if not last.exists():
+            raise TrainingError(f"--resume: no checkpoint at {last}")
+        state = safe_torch_load(last, map_location="cpu")
+        saved_cfg = config_from_dict(state["config"])
+        diffs = diff_configs(saved_cfg, self.cfg, ignore=RESUME_SAFE_KEYS)
+        if diffs:
+            lines = "\n  ".join(f"{k}: run has {a!r}, now {b!r}" for k, a, b in diffs)
+            raise TrainingError(f"cannot resume {self.run_dir}: the config differs in\n  {lines}")
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        if state.get("world_size", 1) != self.env.world_size and self.env.is_main:
+            print(f"note: resuming a {state.get('world_size')}-process run on {self.env.world_size} processes: "
+                  "the data order is kept, per-rank noise differs from an uninterrupted run")
+
+    # ---- evaluation hooks ---------------------------------------------------------------------
+
+    def _to_images(self, x: Tensor) -> Tensor:
+        return self.decode(x) if self.decode is not None else x
+
+    @torch.no_grad()
+    def sample_grid(self) -> Path:
+        sc = self.cfg.sample
+        model = self.ema.model
+        n = sc.num
+        g = torch.Generator(device=self.device).manual_seed(sc.seed)
+        noise = torch.randn(n, model.in_channels, *model.image_size, generator=g, device=self.device)
+        y = torch.arange(n, device=self.device) % max(1, self.num_classes) if self.num_classes > 0 else None
+        res = sample(model, noise, sc.sampler, sc.steps, y=y, cfg_scale=sc.cfg_scale, **sc.options)
+        from ..viz import save_grid
+
+        path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
+        save_grid(self._to_images(res.x), path, nrow=int(math.ceil(math.sqrt(n))))
+        return path
+
+    @torch.no_grad()
+    def validation(self) -> dict[str, float]:
+        if self.val_data is None:
+            return {}
+        loader = DataLoader(self.val_data, batch_size=min(256, len(self.val_data)), shuffle=False)
+        g = torch.Generator(device=self.device).manual_seed(1234)
+        totals, count = torch.zeros(8), 0
+        for x, y in loader:
+            x, y = x.to(self.device), y.to(self.device)
+            totals += segment_losses(self.ema.model, x, y, num_segments=8, generator=g) * x.shape[0]
+            count += x.shape[0]
+        seg = totals / count
+        out = {f"val_seg{j}": float(v) for j, v in enumerate(seg)}
+        out["val_loss"] = float(seg.mean())
+        return out
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def add_step_callback(self, fn: Callable[["Trainer", int], None]) -> None:
+        """Call ``fn(trainer, step)`` after every optimiser step (e.g. to request a stop)."""
+        self._on_step_end.append(fn)
+
+    def request_stop(self, *_: Any) -> None:
+        """Finish the current step, write a checkpoint and return (what SIGINT/SIGTERM do)."""
+        self.stop_requested = True
+
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _loader(self) -> DataLoader:
+        sampler = StepBatchSampler(len(self.train_data), self.cfg.optim.batch_size, self.env.world_size,
+                                   self.env.rank, self.cfg.optim.grad_accum, self.cfg.data.seed,
+                                   self.step, self.cfg.train.max_steps)
+        workers = self.cfg.data.num_workers
+        return DataLoader(EpochIndexed(self.train_data), batch_sampler=sampler, num_workers=workers,
+                          pin_memory=self.device.type == "cuda", persistent_workers=False,
+                          prefetch_factor=4 if workers > 0 else None)
+
+    def _train_step(self, batches) -> dict[str, Tensor]:
+        cfg = self.cfg
+        g = step_generator(cfg.train.seed, self.step, self.env.rank, self.device)
+        accum = cfg.optim.grad_accum
+        totals = {"loss": torch.zeros((), device=self.device), "fm": torch.zeros((), device=self.device),
+                  "nll": torch.zeros((), device=self.device)}
+        self.optimizer.zero_grad(set_to_none=True)
+        for m, (x, y) in enumerate(batches):
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True).long()
+            if cfg.objective.label_dropout > 0 and self.num_classes > 0:
+                drop = torch.rand(y.shape, generator=g, device=self.device) < cfg.objective.label_dropout
+                y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+            sync = self.ddp is not None and m < accum - 1
+            with (self.ddp.no_sync() if sync else nullcontext()), self._autocast():
+                terms = patch_flow_loss(self.forward, x, y, timestep_sampler=self.timestep_sampler,
+                                        uncertainty_weight=cfg.objective.uncertainty_weight, generator=g)
+            (terms["loss"] / accum).backward()
+            for k in totals:
+                totals[k] += terms[k].detach().float() / accum
+        return totals
+
+    def fit(self) -> TrainResult:
+        """Run until ``train.max_steps`` (or a stop request); returns where things are."""
+        cfg, env = self.cfg, self.env
+        tc = cfg.train
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        csv_file, writer, tb = self._open_logs() if env.is_main else (None, None, None)
+        handlers = self._install_signal_handlers()
+        last_ckpt: Path | None = self.ckpt_dir / "last.pt" if (self.ckpt_dir / "last.pt").exists() else None
+        metrics: dict[str, float] = {}
+        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not (tc.progress and env.is_main),
+                   desc=f"train {cfg.name}", dynamic_ncols=True)
+        seen, t_last = 0, time.perf_counter()
+        try:
+            it = iter(self._loader())
+            while self.step < tc.max_steps:
+                self.model.train()
+                batches = [next(it) for _ in range(cfg.optim.grad_accum)]
+                totals = self._train_step(batches)
+                loss = all_reduce_mean(totals["loss"], env)
+                if not torch.isfinite(loss):
+                    good = f"step {self._last_saved_step()}" if last_ckpt else "none yet"
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({loss.item()}) at step {self.step + 1}; stopping. The last good "
+                        f"checkpoint ({good}) in {self.ckpt_dir} is untouched. Lower optim.lr, raise "
+                        "optim.warmup_steps or use train.precision=fp32."
+                    )
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+                lr = self.scheduler.get_last_lr()[0]
+                self.optimizer.step()
+                self.scheduler.step()
+                decay = self.ema.update(self.model, self.step)
+                self.step += 1
+                seen += cfg.optim.batch_size
+                bar.update(1)
+                for fn in self._on_step_end:
+                    fn(self, self.step)
+
+                row: dict[str, float] = {}
+                if self.step % tc.log_every == 0 or self.step == tc.max_steps:
+                    now = time.perf_counter()
+                    ips = seen / max(now - t_last, 1e-9)
+                    seen, t_last = 0, now
+                    row.update(loss=float(loss), fm=float(all_reduce_mean(totals["fm"], env)),
+                               nll=float(all_reduce_mean(totals["nll"], env)), grad_norm=float(grad_norm),
+                               lr=lr, ema_decay=decay, images_per_sec=ips)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{ips:.0f}")
+                val_every = tc.val_every or tc.sample_every
+                if env.is_main and (self.step % val_every == 0 or self.step == tc.max_steps):
+                    row.update(self.validation())
+                if env.is_main and (self.step % tc.sample_every == 0 or self.step == tc.max_steps):
+                    self.sample_grid()
+                if "val_loss" in row or self.step % tc.sample_every == 0:
+                    seen, t_last = 0, time.perf_counter()  # images/s counts training time only
+                if row and env.is_main:
+                    metrics.update(row)
+                    self._log(writer, tb, row)
+                    csv_file.flush()
+                stop = any_rank(self.stop_requested, env)
+                if self.step % tc.ckpt_every == 0 or self.step == tc.max_steps or stop:
+                    last_ckpt = self.save_checkpoint() or last_ckpt
+                if stop:
+                    break
+        finally:
+            bar.close()
+            self._restore_signal_handlers(handlers)
+            if csv_file is not None:
+                csv_file.close()
+            if tb is not None:
+                tb.close()
+        return TrainResult(self.run_dir, self.step, self.stop_requested and self.step < tc.max_steps,
+                           self.ckpt_dir / "last.pt" if env.is_main else None, metrics)
+
+    def _last_saved_step(self) -> int:
+        try:
+            return int(sorted(self.ckpt_dir.glob("step_*.pt"))[-1].stem.split("_")[1])
+        except IndexError:
+            return 0
+
+    # ---- logging & signals --------------------------------------------------------------------
+
+    def _open_logs(self):
+        path = self.run_dir / "metrics.csv"
+        rows = []
+        if path.exists():  # keep rows up to the resumed step (a crash may have logged beyond it)
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= self.step]
+        f = open(path, "w", newline="")
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1 if self.step else None)
+        except (ImportError, ModuleNotFoundError):
+            pass
+        return f, writer, tb
+
+    def _log(self, writer, tb, row: dict[str, float]) -> None:
+        writer.writerow({"step": self.step, **row})
+        if tb is not None:
+            for k, v in row.items():
+                tag = f"val/{k}" if k.startswith("val") else f"train/{k}"
+                tb.add_scalar(tag, v, self.step)
+
+    def _install_signal_handlers(self):
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        previous = {}
+
+        def handler(signum, frame):
+            if self.stop_requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.request_stop()
+            if self.env.is_main:
+                tqdm.write(f"received {signal.Signals(signum).name}: finishing step {self.step + 1}, "
+                           "writing a checkpoint, then stopping (press Ctrl-C again to abort)")
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous) -> None:
+        if previous:
+            for sig, h in previous.items():
+                signal.signal(sig, h)
+
+    def close(self) -> None:
+        """Free the models before leaving the process group (gloo may abort otherwise)."""
+        self.ddp = None
+        self.forward = None
+        self.model = None
+        self.ema = None
+        self.optimizer = None
+        shutdown_distributed()
+
+
+def train(cfg: ExperimentConfig, run_dir: str | os.PathLike, resume: bool = False,
+          decode: Callable[[Tensor], Tensor] | None = None) -> TrainResult:
+    """Build a :class:`Trainer`, run it, and shut the process group down cleanly."""
+    trainer = Trainer(cfg, run_dir, resume=resume, decode=decode)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
