@@ -390,11 +390,15 @@ class PatchForcingTransformer(nn.Module):
             # one time per image: exactly the SiT computation
             return Conditioning(self._embed(t[:, 0], y)[:, None, :])
         if fast:
-            pairs = torch.stack([t.double(), y.double()[:, None].expand(B, N)], dim=-1).reshape(-1, 2)
-            uniq, inverse = torch.unique(pairs, dim=0, return_inverse=True)
-            if 4 * uniq.shape[0] <= B * N:
-                table = self._embed(uniq[:, 0].to(t.dtype), uniq[:, 1].long())
-                return Conditioning(table, inverse.view(B, N))
+            # distinct (t, y) pairs through 1-D uniques (sort-based; unique(dim=0) is slow on CPU)
+            ut, t_inv = torch.unique(t.reshape(-1), return_inverse=True)
+            if 4 * ut.numel() <= B * N:
+                uy, y_inv = torch.unique(y, return_inverse=True)
+                key = y_inv[:, None] * ut.numel() + t_inv.view(B, N)
+                ukey, inverse = torch.unique(key, return_inverse=True)
+                if 4 * ukey.numel() <= B * N:
+                    table = self._embed(ut[ukey % ut.numel()], uy[ukey // ut.numel()])
+                    return Conditioning(table, inverse.view(B, N))
         emb = self._embed(t.reshape(-1), y[:, None].expand(B, N).reshape(-1))
         return Conditioning(emb.view(B, N, -1))
 
