@@ -220,3 +220,13 @@ def test_clear_errors(tiny_pft, tiny_sit):
         make_sampler("dual_loop", n_inner=0)
     # SiT with plain Euler works
     assert pf.sample(tiny_sit, noise, "euler", steps=3).calls == 3
+
+
+@pytest.mark.parametrize("sampler", ["euler_pf", "dual_loop", "look_ahead"])
+def test_samples_do_not_depend_on_batch_composition(tiny_pft, sampler):
+    """Bitwise: a sample is the same whether it is drawn alone or with others (CPU, fp32)."""
+    noise = _noise(tiny_pft, B=7)
+    y = torch.tensor([0, 1, 2, 3, 4, 5, 0])
+    full = pf.sample(tiny_pft, noise, sampler, steps=5, y=y, cfg_scale=1.5).x
+    alone = torch.cat([pf.sample(tiny_pft, noise[i:i + 1], sampler, steps=5, y=y[i:i + 1], cfg_scale=1.5).x for i in range(7)])
+    assert torch.equal(full, alone)

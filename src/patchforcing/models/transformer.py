@@ -87,6 +87,22 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+#: small matrix products use other CPU kernels than large ones, whose per-row results differ in
+#: the last bits; evaluating per-conditioning layers on at least this many rows makes a sample's
+#: output independent of how many other samples share its batch (batch-size invariance).
+MIN_ROWS = 32
+
+
+def _rowwise(layer: nn.Module, x: Tensor) -> Tensor:
+    """``layer(x)`` for ``(..., D)`` input, computed on >= :data:`MIN_ROWS` rows (padding sliced off)."""
+    flat = x.reshape(-1, x.shape[-1])
+    m = flat.shape[0]
+    if m < MIN_ROWS:
+        flat = torch.cat([flat, flat[-1:].expand(MIN_ROWS - m, -1)])
+    out = layer(flat)[:m]
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 @dataclass
 class Conditioning:
     """The conditioning vectors of a batch, stored once per distinct value.
@@ -105,7 +121,7 @@ class Conditioning:
 
     def project(self, layer: nn.Module) -> Tensor:
         """``layer(c)`` for every token: ``(B, 1, K)`` or ``(B, N, K)``."""
-        out = layer(self.table)
+        out = _rowwise(layer, self.table)
         return out if self.index is None else out[self.index]
 
 
@@ -128,7 +144,7 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:
         feats = timestep_features(t, self.frequency_embedding_size)
-        return self.mlp(feats.to(self.mlp[0].weight.dtype))
+        return _rowwise(self.mlp, feats.to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):
