@@ -110,7 +110,8 @@ def run_demo(out: str | Path = "demo-out", overrides: Sequence[str] = (), nfe: i
 
     print("[3/3] drawing uncertainty and per-patch time maps")
     res = sample(model, noise[:8], "look_ahead", nfe=nfe, y=labels[:8], record=True, **DEMO_SAMPLERS["look_ahead"])
-    viz.uncertainty_time_figure(res.record, model.patch_size, out / "uncertainty_and_time.png", num_images=4, num_steps=6)
+    viz.uncertainty_time_figure(res.record, model.patch_size, out / "uncertainty_and_time.png", num_images=4, num_steps=6,
+                                final=res.x)
     viz.trajectory_sheet(res.record, image_index=0, every=max(1, len(res.record) // 8), patch_size=model.patch_size,
                          path=out / "trajectory_look_ahead.png")
     res_dl = sample(model, noise[:8], "dual_loop", nfe=nfe, y=labels[:8], record=True, **DEMO_SAMPLERS["dual_loop"])

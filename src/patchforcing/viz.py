@@ -89,6 +89,9 @@ CMAPS: dict[str, tuple[str, ...]] = {
 _TIME_CMAP = "viridis"
 _UNC_CMAP = "magma"
 
+_MEDIANCUT = getattr(getattr(Image, "Quantize", None), "MEDIANCUT", 0)  # Pillow < 9.1: plain ints
+_NO_DITHER = getattr(getattr(Image, "Dither", None), "NONE", 0)
+
 
 # --------------------------------------------------------------------------------------------
 # Small helpers
@@ -241,12 +244,6 @@ def to_uint8_images(x: Any) -> np.ndarray:
     return np.ascontiguousarray(u8.permute(0, 2, 3, 1).numpy())
 
 
-def _as_uint8(images: Any) -> np.ndarray:
-    if isinstance(images, np.ndarray) and images.dtype == np.uint8:
-        return to_uint8_images(images)
-    return to_uint8_images(images)
-
-
 def _upscale(images: np.ndarray, factor: int) -> np.ndarray:
     if factor <= 1:
         return images
@@ -268,7 +265,7 @@ def make_grid(images: Any, nrow: int | None = None, padding: int = 2,
         ``cols = min(nrow, B)``; image ``k`` sits at row ``k // cols``, column ``k % cols``,
         top-left corner ``(padding + r * (H + padding), padding + c * (W + padding))``.
     """
-    imgs = _as_uint8(images)
+    imgs = to_uint8_images(images)
     B, H, W, _ = imgs.shape
     if B == 0:
         raise ValueError("make_grid: no images")
@@ -299,7 +296,7 @@ def save_grid(x: Any, path: PathLike | None = None, nrow: int | None = None, ups
             factor that makes tiles at least ``min_tile`` (96) px (so 32 x 32 samples become
             96 x 96); 1 keeps the native size. Padding is not enlarged.
     """
-    imgs = _as_uint8(x)
+    imgs = to_uint8_images(x)
     factor = _auto_scale(imgs.shape[1], imgs.shape[2], min_tile) if upscale is None else int(upscale)
     if factor < 1:
         raise ValueError(f"upscale must be >= 1, got {upscale}")
@@ -389,8 +386,10 @@ def _fmt(v: float, step: float | None = None) -> str:
     a = abs(v)
     if step is not None and 1e-3 <= a < 1e5 and step >= 1e-4:
         s = f"{v:.{_decimals(step)}f}"
+        if "." in s:
+            s = s.rstrip("0").rstrip(".")
     elif 1e-3 <= a < 1e5:
-        s = f"{v:.3g}"
+        s = f"{v:.2g}" if a < 1 else f"{v:.3g}"
     else:
         mant, exp = f"{v:.1e}".split("e")
         mant = mant.rstrip("0").rstrip(".")
@@ -420,11 +419,13 @@ def _log_ticks(lo: float, hi: float, max_ticks: int) -> tuple[list[float], float
         ks = list(range(math.ceil(a - 1e-9), math.floor(b + 1e-9) + 1))
         stride = math.ceil(len(ks) / max_ticks)
         ticks = [10.0**k for k in ks[::stride]]
-        if len(ticks) < 3:
-            extra = [m * 10.0**k for k in range(math.floor(a), math.ceil(b) + 1) for m in (2.0, 5.0)]
+        for mults in ((5.0,), (2.0, 5.0)):  # few decades: add 5x, then 2x and 5x values if they fit
+            if len(ticks) >= 3:
+                break
+            extra = [m * 10.0**k for k in range(math.floor(a), math.ceil(b) + 1) for m in mults]
             extra = [e for e in extra if lo * (1 - 1e-9) <= e <= hi * (1 + 1e-9)]
             if len(ticks) + len(extra) <= max_ticks:
-                ticks = sorted(ticks + extra)
+                ticks = sorted(set(ticks) | set(extra))
         return ticks, None
     return _linear_ticks(lo, hi, max_ticks)  # less than a decade: evenly spaced values
 
@@ -463,13 +464,15 @@ def colorbar(length: int, vmin: float, vmax: float, cmap: str = "viridis", label
         raise ValueError(f"a colour bar needs a length of at least 24 px, got {length}")
     horizontal = orientation == "horizontal"
     if max_ticks is None:
-        max_ticks = max(2, length // (44 if horizontal else 28))
+        max_ticks = max(2, length // (36 if horizontal else 28))
     if ticks is not None:
         tick_vals, step = [float(t) for t in ticks if min(vmin, vmax) <= t <= max(vmin, vmax)], None
     elif log:
         tick_vals, step = _log_ticks(vmin, vmax, max_ticks)
     else:
         tick_vals, step = _linear_ticks(vmin, vmax, max_ticks)
+    if ticks is None and len(tick_vals) < 2 and vmax > vmin:  # too narrow for round values: label the ends
+        tick_vals, step = [float(vmin), float(vmax)], None
     labels = [_fmt(v, step) for v in tick_vals]
     line_h = _text_size("Ag", font_size)[1]
     end = 6  # the bar leaves this many px at both ends so the end ticks stay visible
@@ -810,6 +813,29 @@ def trajectory_sheet(record: Any, image_index: int = 0, every: int = 1, patch_si
     return _save(img, path)
 
 
+def _to_palette(frame: Image.Image) -> Image.Image:
+    """A GIF frame: fixed entries for the colour maps, legend and text greys, the rest adaptive.
+
+    (Pillow's default conversion uses a web palette that bands the colour maps and greys.)
+    """
+    fixed = [tuple(c) for name in (_TIME_CMAP, _UNC_CMAP) for c in _apply_cmap(np.linspace(0, 1, 32), name).tolist()]
+    fixed += [(g, g, g) for g in np.linspace(0, 255, 16).round().astype(int).tolist()]
+    fixed += [_BG, _FG, _MUTED, _RULE, _NA_FILL, _CERTAIN, _UNCERTAIN, _OUTLINE]
+    fixed = list(dict.fromkeys(fixed))
+    rest = 256 - len(fixed)
+    adaptive = frame.quantize(rest, method=_MEDIANCUT, dither=_NO_DITHER).getpalette()[: 3 * rest]
+    palette = np.array([list(c) for c in fixed] + np.asarray(adaptive).reshape(-1, 3).tolist(), dtype=np.int32)
+    rgb = np.asarray(frame.convert("RGB"))
+    colours, inverse = np.unique(rgb.reshape(-1, 3), axis=0, return_inverse=True)
+    # exact nearest palette entry (Pillow's palette mapping is approximate: it turns white grey)
+    dist = ((colours[:, None, :].astype(np.int32) - palette[None]) ** 2).sum(-1)
+    index = dist.argmin(axis=1).astype(np.uint8)[inverse.reshape(-1)].reshape(rgb.shape[:2])
+    out = Image.frombytes("P", frame.size, index.tobytes())
+    flat = palette.astype(np.uint8).reshape(-1).tolist()
+    out.putpalette(flat + [0] * (768 - len(flat)))
+    return out
+
+
 def trajectory_gif(record: Any, path: PathLike | None, image_index: int = 0, every: int = 1,
                    patch_size: int | None = None, duration_ms: int = 400, *, decode: Decode | None = None,
                    tile: int | None = None, hold_last_ms: int = 1600) -> list[Image.Image]:
@@ -835,8 +861,9 @@ def trajectory_gif(record: Any, path: PathLike | None, image_index: int = 0, eve
         parent = os.path.dirname(os.fspath(path))
         if parent:
             os.makedirs(parent, exist_ok=True)
-        frames[0].save(path, format="GIF", save_all=True, append_images=frames[1:], duration=durations,
-                       loop=0, disposal=1)
+        pal = [_to_palette(f) for f in frames]
+        pal[0].save(path, format="GIF", save_all=True, append_images=pal[1:], duration=durations,
+                    loop=0, disposal=1)
     return frames
 
 
@@ -991,7 +1018,7 @@ def sampler_comparison(grids: Mapping[str, Any], path: PathLike | None = None,
         raise ValueError("sampler_comparison: no grids")
     panels = []
     for name, x in grids.items():
-        imgs = _as_uint8(x)
+        imgs = to_uint8_images(x)
         k = _auto_scale(imgs.shape[1], imgs.shape[2], min_tile) if upscale is None else int(upscale)
         panels.append(((labels or {}).get(name, str(name)), Image.fromarray(make_grid(_upscale(imgs, k), nrow=nrow))))
     head_h = max(_text_size(t, _HEAD_PX)[1] for t, _ in panels)
