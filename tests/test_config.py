@@ -124,6 +124,7 @@ def test_preset_contents():
     assert b.name == "pft-b2-imagenet256" and b.model.name == "PFT-B/2"
     assert (b.model.input_size, b.model.in_channels, b.model.num_classes) == (32, 4, 1000)
     assert (b.data.kind, b.data.path, b.data.resolution, b.data.flip) == ("latents", "data/imagenet256-latents", 256, True)
+    assert (b.autoencoder.kind, b.autoencoder.source, b.autoencoder.online) == ("kl", "stabilityai/sd-vae-ft-ema", False)
     assert b.objective.timestep_options == {"loc": 0.7, "scale": 1.0, "std": 0.6}
     assert (b.optim.lr, b.optim.batch_size, b.optim.warmup_steps, b.optim.grad_clip) == (1e-4, 256, 1000, 1.0)
     assert (b.ema.decay, b.train.max_steps, b.train.ckpt_every, b.train.sample_every) == (0.9999, 400000, 10000, 10000)
@@ -140,8 +141,8 @@ def test_preset_contents():
     assert (demo.data.kind, demo.data.num_classes, demo.data.length, demo.data.resolution) == ("synthetic", 8, 20000, 32)
     assert demo.model.name == "PFT-T/4" and demo.model.preset_overrides() == {}
     assert (demo.optim.batch_size, demo.optim.lr, demo.optim.warmup_steps) == (64, 1e-3, 100)
-    assert (demo.ema.decay, demo.ema.warmup, demo.train.precision) == (0.999, True, "fp32")
-    assert (demo.train.max_steps, demo.train.ckpt_every, demo.train.sample_every, demo.train.log_every) == (1500, 250, 500, 10)
+    assert (demo.ema.decay, demo.ema.warmup, demo.train.precision) == (0.999, True, "bf16")
+    assert (demo.train.max_steps, demo.train.ckpt_every, demo.train.sample_every, demo.train.log_every) == (1000, 250, 500, 10)
     assert (demo.sample.steps, demo.sample.num) == (25, 64)
     emoji = load_config("emoji32-pft")
     assert (emoji.data.kind, emoji.data.path) == ("npz", "../shared/datasets/emoji-google-64.npz")
@@ -289,6 +290,14 @@ def test_wrong_types_in_dict():
     (["objective.timestep_sampler=lgt"], "objective.timestep_sampler|ltg|uniform|'lgt'"),
     (["objective.timestep_options.bogus=1"], "objective.timestep_options|bogus"),
     (["sample.sampler=heun"], "sample.sampler|euler, euler_pf, dual_loop, look_ahead|'heun'"),
+    (["autoencoder.kind=vqgan"], "autoencoder.kind|auto, kl, tiny, identity|'vqgan'"),
+    (["autoencoder.online=true"], "autoencoder.online needs autoencoder.source"),
+    (["autoencoder.source=vae"], "autoencoder.source is set|pixel space|autoencoder.online=true"),
+    (["autoencoder.kind=identity", "autoencoder.source=vae"], "'identity'|takes no source"),
+    (["autoencoder.scale_factor=0"], "autoencoder.scale_factor must be > 0"),
+    (["autoencoder.latents_mean=[0.1, 0.2]"], "latents_mean and autoencoder.latents_std must be set together"),
+    (["autoencoder.latents_mean=[0.1]", "autoencoder.latents_std=[1, 2]"], "one value per latent channel"),
+    (["autoencoder.latents_mean=[0.1]", "autoencoder.latents_std=[0]"], "latents_std must be > 0"),
     (["model.name=PFT-Q/2"], "model.name|unknown model 'PFT-Q/2'"),
     (["model.name=resnet"], "model.name|unknown model"),
     (["data.kind=npz"], "data.path is required|'npz'"),
@@ -316,6 +325,11 @@ def test_semantic_ok_cases():
     assert c.data.kind in DATA_KINDS and c.optim.grad_accum == 4 and c.model.name == "SiT-XL/2"
     # latents: the input size is not known here, so the resolution is not checked against the patch
     assert load_config("imagenet256-pft-b", ["model.input_size=null", "data.resolution=250"]).data.resolution == 250
+    # online encoding: neither (the model sees resolution / VAE factor)
+    c = load_config("demo", ["data.resolution=30", "autoencoder.online=true", "autoencoder.source=vae"])
+    assert c.autoencoder.online and c.data.resolution == 30
+    assert load_config("imagenet256-pft-b", ["data.kind=folder", "data.path=imgs", "autoencoder.online=true"])
+    raises("data.kind 'latents' is already encoded", load_config, "imagenet256-pft-b", ["autoencoder.online=true"])
 
 
 # ---------------------------------------------------------------------------- diff, save, dicts
@@ -336,12 +350,16 @@ def test_diff_configs_and_resume_safe_keys():
         "model.depth", "objective.timestep_options", "optim.lr"]
     assert [k for k, _, _ in diff_configs(a, b, ignore=("model", "optim.lr"))] == [
         "objective.timestep_options", "train.max_steps"]
-    # every resume-safe key may change without a reported difference
-    safe = load_config("tiny-test", ["train.max_steps=60", "train.ckpt_every=7", "train.sample_every=8",
+    # every resume-safe key may change without a reported difference (on latents, where a VAE
+    # source is allowed: it may move, e.g. from the hub id to a local copy)
+    lat = ["data.kind=latents", "data.path=lat", "autoencoder.source=stabilityai/sd-vae-ft-ema"]
+    a_lat = load_config("tiny-test", lat)
+    safe = load_config("tiny-test", [*lat, "train.max_steps=60", "train.ckpt_every=7", "train.sample_every=8",
                                      "train.val_every=9", "train.log_every=2", "train.keep_last=5",
-                                     "train.progress=true", "data.num_workers=4", "train.device=cpu"])
-    assert len(diff_configs(a, safe)) == len(RESUME_SAFE_KEYS)
-    assert diff_configs(a, safe, ignore=RESUME_SAFE_KEYS) == []
+                                     "train.progress=true", "data.num_workers=4", "train.device=cpu",
+                                     "autoencoder.source=/data/sd-vae-ft-ema"])
+    assert len(diff_configs(a_lat, safe)) == len(RESUME_SAFE_KEYS)
+    assert diff_configs(a_lat, safe, ignore=RESUME_SAFE_KEYS) == []
     raises("unknown key 'optim.lrr'|did you mean", diff_configs, a, b, ignore=("optim.lrr",))
 
 
@@ -360,7 +378,7 @@ def test_save_load_equal(tmp_path):
 
 def test_config_to_dict_is_plain():
     d = config_to_dict(load_config("imagenet256-pft-b"))
-    assert list(d) == ["name", "model", "data", "objective", "optim", "ema", "sample", "train"]
+    assert list(d) == ["name", "model", "data", "autoencoder", "objective", "optim", "ema", "sample", "train"]
     assert list(d["optim"]) == [f.name for f in OptimSection.__dataclass_fields__.values()]
     assert list(d["data"]) == list(DataSection.__dataclass_fields__)
 

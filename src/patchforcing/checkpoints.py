@@ -389,7 +389,8 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, use_ema: bool = T
     if not isinstance(obj, Mapping) or obj.get("format") != TRAIN_FORMAT:
         raise CheckpointError(f"{path} is not a patchforcing training checkpoint")
     model = _model_from_torch_object(obj, use_ema, str(path))
-    meta = {"step": obj.get("step"), "weights": "ema" if use_ema else "raw", "train_config": obj.get("config")}
+    meta = {"step": obj.get("step"), "weights": "ema" if use_ema else "raw", "train_config": obj.get("config"),
+            "autoencoder": obj.get("autoencoder")}  # the VAE spec + scaling that decodes samples (None: pixels)
     if Path(out).suffix != ".safetensors":
         raise CheckpointError(f"--out must end in .safetensors, got {out}")
     return save_model(model, out, metadata=meta)

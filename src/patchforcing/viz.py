@@ -780,7 +780,7 @@ def _trajectory_panels(record: list, image_index: int, indices: list[int], patch
 
 def trajectory_sheet(record: Any, image_index: int = 0, every: int = 1, patch_size: int | None = None,
                      decode: Decode | None = None, path: PathLike | None = None, *, tile: int | None = None,
-                     title: str | None = None) -> Image.Image:
+                     title: str | None = None, note: str | None = None) -> Image.Image:
     """One image's sampling run as a contact sheet: one row per recorded network call.
 
     Columns: the call's input state ``x``, its clean estimate ``x1_hat``, the per-patch time
@@ -800,6 +800,7 @@ def trajectory_sheet(record: Any, image_index: int = 0, every: int = 1, patch_si
         path: also write the picture there (PNG by extension).
         tile: minimum tile size in px (default 128; small images are enlarged by an integer factor).
         title: heading (default: image index and number of calls).
+        note: an extra line under the explanation (e.g. that the maps are on a latent grid).
     """
     rec = _records(record)
     indices = _select(len(rec), every)
@@ -808,6 +809,8 @@ def trajectory_sheet(record: Any, image_index: int = 0, every: int = 1, patch_si
         title = f"Sampling trajectory of image {image_index}"
     subtitle = (f"{len(indices)} of {len(rec)} network calls, top to bottom. "
                 "Bright uncertainty = the model is unsure; t = how far a patch has been denoised.")
+    if note:
+        subtitle += "\n" + note
     img = _table(list(zip(panels.labels, panels.rows)), panels.columns, panels.tile, title=title,
                  subtitle=subtitle, footer=len(indices) >= 6)
     return _save(img, path)
@@ -838,11 +841,14 @@ def _to_palette(frame: Image.Image) -> Image.Image:
 
 def trajectory_gif(record: Any, path: PathLike | None, image_index: int = 0, every: int = 1,
                    patch_size: int | None = None, duration_ms: int = 400, *, decode: Decode | None = None,
-                   tile: int | None = None, hold_last_ms: int = 1600) -> list[Image.Image]:
+                   tile: int | None = None, hold_last_ms: int = 1600, title: str | None = None,
+                   note: str | None = None) -> list[Image.Image]:
     """The panels of :func:`trajectory_sheet` as an animation, one frame per kept call.
 
     Frames share the colour scales of the whole run. Frame count: as the rows of
     :func:`trajectory_sheet` with the same ``every``. The last frame stays ``hold_last_ms``.
+    ``title`` (default ``"Sampling image I"``) is followed by ``": call k of n"`` on each frame;
+    ``note`` is a line of text under it.
 
     Returns:
         the frames (RGB); written as a looping GIF to ``path`` when given.
@@ -851,10 +857,11 @@ def trajectory_gif(record: Any, path: PathLike | None, image_index: int = 0, eve
     indices = _select(len(rec), every)
     panels = _trajectory_panels(rec, image_index, indices, patch_size, decode, tile)
     label_w = max(_text_size(label, _TEXT_PX)[0] for label in panels.labels)
+    head = title if title else f"Sampling image {image_index}"
     frames = []
     for n, (label, row) in enumerate(zip(panels.labels, panels.rows)):
         frames.append(_table([(label, row)], panels.columns, panels.tile, label_w=label_w,
-                             title=f"Sampling image {image_index}: call {n + 1} of {len(indices)}"))
+                             title=f"{head}: call {n + 1} of {len(indices)}", subtitle=note))
     if path is not None:
         durations = [int(duration_ms)] * len(frames)
         durations[-1] = max(int(duration_ms), int(hold_last_ms))
@@ -882,7 +889,7 @@ def _steps(record: list) -> dict[int, list]:
 def uncertainty_time_figure(record: Any, patch_size: int | None = None, path: PathLike | None = None,
                             num_images: int = 4, num_steps: int = 6, *, final: Any = None,
                             decode: Decode | None = None, title: str | None = None,
-                            tile: int = 96) -> Image.Image:
+                            tile: int = 96, row_labels: Sequence[str] | None = None) -> Image.Image:
     """Overview: where the model is unsure and how fast each patch is denoised.
 
     Rows are the first ``num_images`` images; column groups are ``num_steps`` evenly spaced
@@ -899,6 +906,7 @@ def uncertainty_time_figure(record: Any, patch_size: int | None = None, path: Pa
         final: ``(B, C, H, W)`` final samples (decoded with ``decode`` if given).
         decode: latent models: ``(B, C, h, w) -> (B, 3, H, W)`` in ``[-1, 1]``.
         tile: minimum tile size in px.
+        row_labels: one label per row (default ``"image i"``), e.g. ``"sample 12 (class 3)"``.
     """
     rec = _records(record)
     p, h, w = _patch_geometry(rec[0], patch_size)
@@ -938,7 +946,9 @@ def uncertainty_time_figure(record: Any, patch_size: int | None = None, path: Pa
     group_heads = [f"step {k} · s = {s:.2f}" for k, s, _, _ in groups]
     group_w = max([group_w] + [_text_size(t, _HEAD_PX)[0] + 4 for t in group_heads])
     final_w = max(size[0], _text_size(final_head, _HEAD_PX)[0])
-    row_labels = [f"image {i}" for i in range(n_img)]
+    row_labels = [f"image {i}" for i in range(n_img)] if row_labels is None else [str(v) for v in row_labels][:n_img]
+    if len(row_labels) < n_img:
+        raise ValueError(f"row_labels: {len(row_labels)} labels for {n_img} rows")
     label_w = max(_text_size(t, _TEXT_PX)[0] for t in row_labels)
 
     if title is None:

@@ -1,11 +1,12 @@
 """Typed experiment configuration for ``patchforcing train CONFIG.yaml [dotted.key=value ...]``.
 
-A config is a YAML mapping with an optional top-level ``name`` and seven sections, each a mapping
+A config is a YAML mapping with an optional top-level ``name`` and eight sections, each a mapping
 of fields (see the dataclasses below for every field, its type and its default)::
 
     name: pft-b2-imagenet256
     model:     {name: PFT-B/2, input_size: 32, in_channels: 4, num_classes: 1000}
     data:      {kind: latents, path: data/imagenet256-latents, resolution: 256}
+    autoencoder: {kind: kl, source: stabilityai/sd-vae-ft-ema}
     objective: {timestep_sampler: ltg, timestep_options: {loc: 0.7, scale: 1.0, std: 0.6}}
     optim:     {lr: 1.0e-4, batch_size: 256}
     ema:       {decay: 0.9999}
@@ -66,6 +67,7 @@ __all__ = [
     "ConfigError",
     "ModelSection",
     "DataSection",
+    "AutoencoderSection",
     "ObjectiveSection",
     "OptimSection",
     "EmaSection",
@@ -73,6 +75,7 @@ __all__ = [
     "TrainSection",
     "ExperimentConfig",
     "DATA_KINDS",
+    "AUTOENCODER_CONFIG_KINDS",
     "PRECISIONS",
     "SAMPLE_SAMPLERS",
     "RESUME_SAFE_KEYS",
@@ -90,6 +93,8 @@ __all__ = [
 DATA_KINDS: tuple[str, ...] = ("synthetic", "folder", "npz", "latents")
 #: data kinds that read files and therefore need ``data.path``
 _KINDS_WITH_PATH: tuple[str, ...] = ("folder", "npz", "latents")
+#: allowed ``autoencoder.kind`` values (``auto``: from the latents' index or the VAE folder's config)
+AUTOENCODER_CONFIG_KINDS: tuple[str, ...] = ("auto", "kl", "tiny", "identity")
 #: allowed ``train.precision`` values (``auto``: bf16 autocast on CUDA, fp32 otherwise)
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 #: allowed ``sample.sampler`` values
@@ -105,6 +110,7 @@ RESUME_SAFE_KEYS: tuple[str, ...] = (
     "train.progress",
     "data.num_workers",
     "train.device",
+    "autoencoder.source",  # where the (same) VAE's weights are: e.g. a hub id, then a local copy
 )
 
 
@@ -160,6 +166,30 @@ class DataSection:
     seed: int = 0
     num_workers: int = 0
     val_size: int = 256
+
+
+@dataclass
+class AutoencoderSection:
+    """The autoencoder between images and the model's space (:mod:`patchforcing.autoencoders`):
+    it encodes online, decodes the sample grids and is recorded in checkpoints and exports.
+
+    ``kind``: ``auto`` (from the latents' index or the VAE folder's ``config.json``), ``kl`` (SD
+    VAE, diffusers ``AutoencoderKL``), ``tiny`` (TAESD) or ``identity`` (pixel space).
+    ``source``: hub id (``stabilityai/sd-vae-ft-ema``) or local VAE folder; with ``data.kind:
+    latents``, ``null`` = the VAE recorded in the latents' index, and a value only says where that
+    VAE's weights are (e.g. a local copy). ``scale_factor``, ``shift_factor`` (scalar) or
+    ``latents_mean``/``latents_std`` (per channel, both): the latent scaling
+    ``(z - shift) * scale_factor / std``; ``null`` = the latents' stored scaling (or the VAE
+    config's: 0.18215 for the SD VAE). ``online``: encode the images of a ``synthetic``/``folder``/
+    ``npz`` data set with the VAE in the training loop (posterior samples; small data sets)."""
+
+    kind: str = "auto"
+    source: str | None = None
+    scale_factor: float | None = None
+    shift_factor: float | None = None
+    latents_mean: list[float] | None = None
+    latents_std: list[float] | None = None
+    online: bool = False
 
 
 @dataclass
@@ -232,11 +262,12 @@ class TrainSection:
 
 @dataclass
 class ExperimentConfig:
-    """A whole experiment: a name and the seven sections."""
+    """A whole experiment: a name and the eight sections."""
 
     name: str = "experiment"
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
+    autoencoder: AutoencoderSection = field(default_factory=AutoencoderSection)
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
     optim: OptimSection = field(default_factory=OptimSection)
     ema: EmaSection = field(default_factory=EmaSection)
@@ -441,7 +472,7 @@ def _validate(cfg: ExperimentConfig) -> None:
         if m.input_size is not None:
             need(m.input_size % patch == 0, f"model.input_size ({m.input_size}) must be a multiple of "
                                             f"the patch size {patch} of {m.name}")
-        elif d.kind in ("synthetic", "folder", "npz") and d.resolution >= 1:
+        elif d.kind in ("synthetic", "folder", "npz") and d.resolution >= 1 and not cfg.autoencoder.online:
             need(d.resolution % patch == 0, f"data.resolution ({d.resolution}) must be a multiple of "
                                             f"the patch size {patch} of {m.name} (or set model.input_size)")
 
@@ -454,6 +485,29 @@ def _validate(cfg: ExperimentConfig) -> None:
     need(d.length is None or d.length >= 1, f"data.length must be >= 1 (or null), got {d.length}")
     need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     need(d.val_size >= 0, f"data.val_size must be >= 0, got {d.val_size}")
+
+    # autoencoder
+    a = cfg.autoencoder
+    need(a.kind in AUTOENCODER_CONFIG_KINDS, f"autoencoder.kind must be one of {', '.join(AUTOENCODER_CONFIG_KINDS)}; "
+                                             f"got {a.kind!r}")
+    if a.kind == "identity":
+        need(not a.source and not a.online, "autoencoder.kind 'identity' (pixel space) takes no source and no online encoding")
+    if a.online:
+        need(bool(a.source), "autoencoder.online needs autoencoder.source (a hub id or a local VAE folder)")
+        need(d.kind != "latents", "autoencoder.online encodes images; data.kind 'latents' is already encoded "
+                                  "(set autoencoder.online=false)")
+    elif a.source and d.kind != "latents":
+        problems.append(f"autoencoder.source is set but data.kind {d.kind!r} is in pixel space: set "
+                        "autoencoder.online=true to encode the images in the training loop, train on latents "
+                        "made by `patchforcing encode` (data.kind=latents), or set autoencoder.source=null")
+    need(a.scale_factor is None or a.scale_factor > 0, f"autoencoder.scale_factor must be > 0 (or null), got {a.scale_factor}")
+    need((a.latents_mean is None) == (a.latents_std is None),
+         "autoencoder.latents_mean and autoencoder.latents_std must be set together (or both null)")
+    if a.latents_mean is not None and a.latents_std is not None:
+        need(len(a.latents_mean) == len(a.latents_std) >= 1,
+             f"autoencoder.latents_mean ({len(a.latents_mean)} values) and latents_std ({len(a.latents_std)}) "
+             "need one value per latent channel")
+        need(all(v > 0 for v in a.latents_std), f"autoencoder.latents_std must be > 0, got {a.latents_std}")
 
     # objective
     if o.timestep_sampler not in TIMESTEP_SAMPLERS:

@@ -103,7 +103,7 @@ def build_data(cfg: ExperimentConfig) -> Dataset:
     if d.kind == "latents":
         from ..latents import build_latent_dataset  # the latent pipeline
 
-        return build_latent_dataset(d)
+        return build_latent_dataset(d, cfg.autoencoder)
     spec: dict[str, Any] = {"kind": d.kind, "resolution": d.resolution, "seed": d.seed}
     if d.kind == "synthetic":
         spec["num_classes"] = d.num_classes if d.num_classes is not None else 8
@@ -113,6 +113,10 @@ def build_data(cfg: ExperimentConfig) -> Dataset:
         spec["flip"] = d.flip
         if d.num_classes is not None:
             spec["num_classes"] = d.num_classes
+    if cfg.autoencoder.online:  # images encoded by the VAE in the loop
+        from ..latents import build_online_dataset
+
+        return build_online_dataset(build_dataset(spec), cfg.autoencoder, seed=d.seed, device=cfg.train.device)
     return build_dataset(spec)
 
 
@@ -186,7 +190,8 @@ class Trainer:
         resume: continue from ``run_dir/checkpoints/last.pt`` (refused if the config differs
             in anything but :data:`RESUME_SAFE_KEYS`).
         env: the process group (default: from torchrun's environment).
-        decode: maps model outputs to images in [-1, 1] for sample grids (latent models).
+        decode: maps model outputs to images in [-1, 1] for sample grids (latent models);
+            default: the data's autoencoder (latent data sets carry its spec), loaded on rank 0.
     """
 
     def __init__(self, cfg: ExperimentConfig, run_dir: str | os.PathLike, resume: bool = False,
@@ -207,6 +212,12 @@ class Trainer:
             self.precision = "bf16" if self.device.type == "cuda" else "fp32"
 
         data = build_data(cfg)
+        spec = getattr(data, "autoencoder_spec", None)  # latent data: the VAE that decodes it
+        self.autoencoder_spec = spec.to_dict() if spec is not None else None
+        if self.decode is None and spec is not None and spec.kind != "identity" and self.env.is_main:
+            from ..autoencoders import load_autoencoder
+
+            self.decode = load_autoencoder(spec, device=self.device)
         self.train_data, self.val_data = split_train_val(data, cfg.data.val_size)
         with torch.random.fork_rng(devices=[]):  # the initial weights depend on train.seed only
             torch.manual_seed(tc.seed)
@@ -253,6 +264,7 @@ class Trainer:
                               "global_batch": self.cfg.optim.batch_size},
             "rng": rng_state(),
             "world_size": self.env.world_size,
+            "autoencoder": self.autoencoder_spec,
         }
 
     def save_checkpoint(self) -> Path | None:
