@@ -51,6 +51,8 @@ def test_tiny_run_end_to_end(tmp_path):
     lines = (run / "metrics.csv").read_text().splitlines()
     assert lines[0].startswith("step,loss,fm,nll") and len(lines) == 7
     assert "val_loss" in res.metrics and all(torch.isfinite(torch.tensor(v)) for v in res.metrics.values())
+    pytest.importorskip("tensorboard")
+    assert any((run / "tb").glob("events.out.tfevents.*"))
     # pf.load_model on a run directory returns the EMA model, in eval mode
     model = pf.load_model(run)
     state = _state(run)

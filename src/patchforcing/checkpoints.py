@@ -314,7 +314,8 @@ def _hub_download(source: str, filename: str | None) -> Path:
     if filename is None:
         filename = "model.safetensors"
     try:
-        return Path(hf_hub_download(repo_id=repo, filename=filename))
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        return Path(hf_hub_download(repo_id=repo, filename=filename, local_files_only=offline))
     except Exception as e:  # offline, missing repo/file, auth: report plainly
         raise CheckpointError(f"could not fetch {filename!r} from hub repo {repo!r}: {e}") from None
 
