@@ -329,6 +329,23 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sampling_args(p: argparse.ArgumentParser, default_sampler: str, steps_help: str | None = None) -> None:
+    """The sampler options shared by ``sample`` and ``viz``."""
+    p.add_argument("checkpoint", help="released .ckpt, exported .safetensors, run directory or training checkpoint")
+    p.add_argument("--sampler", default=default_sampler, choices=["euler", "euler_pf", "dual_loop", "look_ahead"])
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int, help=steps_help)
+    g.add_argument("--nfe", type=int, help="NFE budget per image: the largest step count that fits")
+    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"))
+    p.add_argument("--p", type=float, help="quantile of certain patches (dual_loop, look_ahead)")
+    p.add_argument("--n-inner", type=int, help="inner steps of uncertain patches (dual_loop)")
+    p.add_argument("--context-ratio", type=float, help="look-ahead time ratio r (look_ahead)")
+    p.add_argument("--early-t", type=float, help="plain Euler while s <= this (look_ahead, default 0.05)")
+    p.add_argument("--vae", help="VAE hub id or local directory (latent models; overrides the stored one)")
+    p.add_argument("--device", default="auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="patchforcing", description="Patch Forcing: train, sample, evaluate.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -442,25 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
     sm = sub.add_parser("sample", help="sample images from a checkpoint (grid .png or ADM .npz; works under torchrun)",
                         description="Sample i's noise and label depend only on (seed, i): the output is the same for "
                                     "any batch size and number of processes. .npz runs are sharded and resumable.")
-    sm.add_argument("checkpoint", help="released .ckpt, exported .safetensors, run directory or training checkpoint")
-    sm.add_argument("--sampler", default="euler_pf", choices=["euler", "euler_pf", "dual_loop", "look_ahead"])
-    g = sm.add_mutually_exclusive_group()
-    g.add_argument("--steps", type=int)
-    g.add_argument("--nfe", type=int, help="NFE budget per image: the largest step count that fits")
-    sm.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
-    sm.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"))
+    _add_sampling_args(sm, "euler_pf")
     sm.add_argument("--classes", help="comma-separated class labels, cycled (e.g. 1,2,3)")
     sm.add_argument("--labels", choices=["uniform", "balanced"], default="uniform")
     sm.add_argument("--num-samples", type=int, default=64)
     sm.add_argument("--batch-size", type=int, default=64)
     sm.add_argument("--shard-size", type=int, default=1000)
     sm.add_argument("--seed", type=int, default=0)
-    sm.add_argument("--p", type=float, help="quantile of certain patches (dual_loop, look_ahead)")
-    sm.add_argument("--n-inner", type=int, help="inner steps of uncertain patches (dual_loop)")
-    sm.add_argument("--context-ratio", type=float, help="look-ahead time ratio r (look_ahead)")
-    sm.add_argument("--early-t", type=float, help="plain Euler while s <= this (look_ahead, default 0.05)")
-    sm.add_argument("--vae", help="VAE hub id or local directory (latent models; overrides the stored one)")
-    sm.add_argument("--device", default="auto")
     sm.add_argument("--out", required=True, help="grid.png or samples.npz")
     sm.set_defaults(func=_cmd_sample)
 
@@ -472,13 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "--overview draws several samples x several steps instead (uncertainty and time maps plus "
                     "the final samples). Latent models are decoded through their VAE for display; their time "
                     "and uncertainty maps stay on the latent patch grid.")
-    vz.add_argument("checkpoint", help="released .ckpt, exported .safetensors, run directory or training checkpoint")
-    vz.add_argument("--sampler", default="look_ahead", choices=["euler", "euler_pf", "dual_loop", "look_ahead"])
-    g = vz.add_mutually_exclusive_group()
-    g.add_argument("--steps", type=int, help="outer steps (default 16 when --nfe is not given)")
-    g.add_argument("--nfe", type=int, help="NFE budget per image: the largest step count that fits")
-    vz.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
-    vz.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"))
+    _add_sampling_args(vz, "look_ahead", steps_help="outer steps (default 16 when --nfe is not given)")
     vz.add_argument("--class", dest="class_", type=int, metavar="C", help="class label of the sample (default: as `sample`)")
     vz.add_argument("--labels", choices=["uniform", "balanced"], default="uniform")
     vz.add_argument("--seed", type=int, default=0)
@@ -487,12 +486,6 @@ def build_parser() -> argparse.ArgumentParser:
     vz.add_argument("--overview", action="store_true", help="several samples x steps (PNG) instead of one run")
     vz.add_argument("--num-images", type=int, default=4, help="samples in the --overview (default 4)")
     vz.add_argument("--num-steps", type=int, default=6, help="steps shown in the --overview (default 6)")
-    vz.add_argument("--p", type=float, help="quantile of certain patches (dual_loop, look_ahead)")
-    vz.add_argument("--n-inner", type=int, help="inner steps of uncertain patches (dual_loop)")
-    vz.add_argument("--context-ratio", type=float, help="look-ahead time ratio r (look_ahead)")
-    vz.add_argument("--early-t", type=float, help="plain Euler while s <= this (look_ahead, default 0.05)")
-    vz.add_argument("--vae", help="VAE hub id or local directory (latent models; overrides the stored one)")
-    vz.add_argument("--device", default="auto")
     vz.add_argument("--out", required=True, help="trajectory.png, trajectory.gif or (with --overview) overview.png")
     vz.set_defaults(func=_cmd_viz)
 
