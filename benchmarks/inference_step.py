@@ -132,7 +132,8 @@ def lookahead_times(B: int, N: int, g: torch.Generator, frac: float = 0.4, hi: f
 class Variant:
     def __init__(self, key: str, label: str, model: torch.nn.Module, t: torch.Tensor, shared: bool):
         self.key, self.label, self.model, self.t, self.shared = key, label, model, t, shared
-        self.times: list[float] = []
+        self.times: list[float] = []  # wall seconds per call
+        self.cpu: list[float] = []  # process CPU seconds per call (all threads)
 
 
 def bench_step(sit, pft, args, device) -> list[Variant]:
@@ -154,17 +155,17 @@ def bench_step(sit, pft, args, device) -> list[Variant]:
         Variant("f", "PFT, t (B,N) equal rows [per-token, authors']", pft, t_rows, False),
     ]
 
-    def run(v: Variant) -> float:
+    def run(v: Variant) -> tuple[float, float]:
         v.model.shared_conditioning = v.shared
         sync(device)
-        start = time.perf_counter()
+        cpu0, start = time.process_time(), time.perf_counter()
         with autocast_ctx(device, args.dtype):
             out, _ = v.model(x, v.t, y)
         sync(device)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
         if not torch.isfinite(out).all():
             raise RuntimeError(f"variant {v.key} produced non-finite output")
-        return elapsed
+        return elapsed, cpu
 
     # sanity: the fast paths give the per-token numbers
     with torch.inference_mode(), autocast_ctx(device, args.dtype):
@@ -185,9 +186,10 @@ def bench_step(sit, pft, args, device) -> list[Variant]:
             # rotate the starting variant each round so no variant always runs first / last
             order = variants[r % len(variants):] + variants[: r % len(variants)]
             for v in order:
-                dt = run(v)
+                dt, cpu = run(v)
                 if r >= args.warmup:
                     v.times.append(dt)
+                    v.cpu.append(cpu)
             if args.verbose:
                 print(f"  round {r + 1}/{total} done", file=sys.stderr, flush=True)
     pft.shared_conditioning = True
@@ -284,29 +286,54 @@ def bench_samplers(pft, args, device) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------
 
 
+def ratios(v: Variant, base: Variant) -> tuple[float, float, float, float]:
+    """``(median / median, median of per-round ratios, min / min, CPU median / median)``.
+
+    All of ``v`` against ``base``; the last one uses process CPU time instead of wall time
+    (less sensitive to being descheduled by other processes, but it counts OpenMP spin-waits).
+
+    The per-round ratio pairs each call with the SiT call of the same round (a few seconds
+    apart), which cancels slow drifts of the machine's load; the min ratio compares the least
+    disturbed calls. On a quiet machine the three agree; when they do not, the run was noisy.
+    """
+    med = statistics.median(v.times) / statistics.median(base.times)
+    paired = statistics.median(a / b for a, b in zip(v.times, base.times))
+    best = min(v.times) / min(base.times)
+    cpu = statistics.median(v.cpu) / statistics.median(base.cpu)
+    return med, paired, best, cpu
+
+
 def step_table(variants: list[Variant], markdown: bool) -> str:
-    base = statistics.median(variants[0].times)
+    base = variants[0]
     lines = []
     if markdown:
-        lines.append("| variant | conditioning | median ms/step | min ms | max ms | ratio vs SiT |")
-        lines.append("|---|---|---:|---:|---:|---:|")
+        lines.append("| variant | conditioning | median ms/step | min ms | max ms | ratio vs SiT (medians) "
+                     "| paired ratio (median) | ratio of mins | CPU-time ratio |")
+        lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     else:
-        lines.append(f"{'':2} {'variant':52} {'median ms':>10} {'min':>9} {'max':>9} {'vs SiT':>8}")
+        lines.append(f"{'':2} {'variant':52} {'median ms':>10} {'min':>9} {'max':>9} {'vs SiT':>8} "
+                     f"{'paired':>8} {'mins':>8} {'CPU':>8}")
     for v in variants:
         med = statistics.median(v.times)
-        ratio = med / base
+        r_med, r_pair, r_min, r_cpu = ratios(v, base)
         if markdown:
             label, _, cond = v.label.partition(" [")
             cond = cond.rstrip("]") or "-"
             lines.append(
                 f"| ({v.key}) {label} | {cond} | {1e3 * med:.1f} | {1e3 * min(v.times):.1f} | "
-                f"{1e3 * max(v.times):.1f} | {ratio:.3f}x |"
+                f"{1e3 * max(v.times):.1f} | {r_med:.3f}x | {r_pair:.3f}x | {r_min:.3f}x | {r_cpu:.3f}x |"
             )
         else:
             lines.append(
                 f"({v.key}) {v.label:52} {1e3 * med:10.1f} {1e3 * min(v.times):9.1f} "
-                f"{1e3 * max(v.times):9.1f} {ratio:7.3f}x"
+                f"{1e3 * max(v.times):9.1f} {r_med:7.3f}x {r_pair:7.3f}x {r_min:7.3f}x {r_cpu:7.3f}x"
             )
+    spread = max(base.times) / min(base.times)
+    note = (f"SiT max/min spread {spread:.2f}"
+            + (" -- NOISY run (machine busy?): trust the paired ratio and the ratio of mins"
+               if spread > 1.25 else ""))
+    lines.append("" if not markdown else "")
+    lines.append(note if not markdown else f"_{note}_")
     return "\n".join(lines)
 
 
@@ -346,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--nfe", type=int, default=24, help="NFE budget per image of the sampler runs")
     ap.add_argument("--sampler-batch", type=int, default=2, help="batch of the sampler runs")
-    ap.add_argument("--sampler-repeats", type=int, default=1, help="runs of each sampler (median)")
+    ap.add_argument("--sampler-repeats", type=int, default=3, help="runs of each sampler (median)")
     ap.add_argument("--no-samplers", action="store_true", help="skip the whole-sampler part")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast")
@@ -379,10 +406,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = [] if args.no_samplers else bench_samplers(pft, args, device)
     t_total = time.perf_counter() - t0
 
-    med = {v.key: statistics.median(v.times) for v in variants}
-    euler_ratio = med["b"] / med["a"]
-    saving_la = med["e"] / med["d"]
-    saving_euler = med["f"] / med["b"]
+    by = {v.key: v for v in variants}
+    euler_ratio, euler_paired, euler_min, euler_cpu = ratios(by["b"], by["a"])
+    saving_la = ratios(by["e"], by["d"])[1]
+    saving_euler = ratios(by["f"], by["b"])[1]
     worst_overhead = max((r["overhead"] for r in rows if r["sampler"] != "euler_pf"), default=float("nan"))
 
     print(f"Inference step: PFT-{size}/2 vs SiT-{size}/2, batch {args.batch_size}, 32x32x4 latents, "
@@ -391,16 +418,20 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(step_table(variants, markdown=False))
     print()
-    print(f"PFT Euler step / SiT step (b/a): {euler_ratio:.3f}x  "
-          f"[{'PASS' if euler_ratio <= 1.05 else 'FAIL'}: bar 1.05x]")
-    print(f"per-token / shared: Euler (f/b) {saving_euler:.3f}x, look-ahead (e/d) {saving_la:.3f}x")
+    print(f"PFT Euler step / SiT step (b/a): {euler_ratio:.3f}x medians, {euler_paired:.3f}x paired, "
+          f"{euler_min:.3f}x mins, {euler_cpu:.3f}x CPU time  [{'PASS' if euler_paired <= 1.05 else 'FAIL'} (paired): bar 1.05x]")
+    print(f"per-token / shared (paired): Euler (f/b) {saving_euler:.3f}x, look-ahead (e/d) {saving_la:.3f}x")
     if rows:
         print()
         print(f"Samplers at NFE {args.nfe}, batch {args.sampler_batch}, PFT-{size}/2 (shared conditioning):")
         print(sampler_table(rows, args.sampler_batch, markdown=False))
         print(f"adaptive samplers' time outside network calls: worst {100 * worst_overhead:.2f} % "
               f"[{'PASS' if worst_overhead < 0.03 else 'FAIL'}: bar 3 %]")
-    print(f"\n(step part {t_step:.0f} s, total {t_total:.0f} s)")
+    try:
+        load_end = f", load avg (1 min) at the end {os.getloadavg()[0]:.2f}"
+    except OSError:
+        load_end = ""
+    print(f"\n(step part {t_step:.0f} s, total {t_total:.0f} s{load_end})")
 
     if args.markdown:
         md = [

@@ -119,10 +119,17 @@ class Conditioning:
     table: Tensor
     index: Tensor | None = None
 
-    def project(self, layer: nn.Module) -> Tensor:
-        """``layer(c)`` for every token: ``(B, 1, K)`` or ``(B, N, K)``."""
-        out = _rowwise(layer, self.table)
-        return out if self.index is None else out[self.index]
+    def project(self, layer: nn.Module, chunks: int, plus_one: tuple[int, ...] = ()) -> list[Tensor]:
+        """``layer(c)`` for every token, split in ``chunks`` pieces of ``(B, 1, D)`` or ``(B, N, D)``.
+
+        Pieces listed in ``plus_one`` get ``+ 1`` (the adaLN ``1 + scale``), applied to the
+        distinct vectors before gathering so that per-token work is only the gather itself.
+        """
+        out = _rowwise(layer, self.table).chunk(chunks, dim=-1)
+        out = [o + 1 if i in plus_one else o for i, o in enumerate(out)]
+        if self.index is None:
+            return out
+        return [o.contiguous()[self.index] for o in out]
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,10 +211,6 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale) + shift
-
-
 class Block(nn.Module):
     """adaLN-Zero transformer block with per-token (or shared) modulation."""
 
@@ -220,10 +223,10 @@ class Block(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: Tensor, c: Conditioning) -> Tensor:
-        mod = c.project(self.adaLN_modulation)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
-        x = x + gate_msa * self.attn(_modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp * self.mlp(_modulate(self.norm2(x), shift_mlp, scale_mlp))
+        # chunks: shift_msa, 1 + scale_msa, gate_msa, shift_mlp, 1 + scale_mlp, gate_mlp
+        shift1, scale1, gate1, shift2, scale2, gate2 = c.project(self.adaLN_modulation, 6, plus_one=(1, 4))
+        x = torch.addcmul(x, gate1, self.attn(torch.addcmul(shift1, self.norm1(x), scale1)))
+        x = torch.addcmul(x, gate2, self.mlp(torch.addcmul(shift2, self.norm2(x), scale2)))
         return x
 
 
@@ -237,8 +240,8 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: Tensor, c: Conditioning) -> Tensor:
-        shift, scale = c.project(self.adaLN_modulation).chunk(2, dim=-1)
-        return self.linear(_modulate(self.norm_final(x), shift, scale))
+        shift, scale = c.project(self.adaLN_modulation, 2, plus_one=(1,))
+        return self.linear(torch.addcmul(shift, self.norm_final(x), scale))
 
 
 # --------------------------------------------------------------------------------------------
