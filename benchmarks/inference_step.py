@@ -364,6 +364,9 @@ def sampler_table(rows: list[dict[str, Any]], B: int, markdown: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from patchforcing.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()  # same allocator settings as the CLI, for both models
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-size", default="B", choices=["T", "S", "B"], help="X in PFT-X/2 and SiT-X/2")

@@ -70,6 +70,9 @@ def count_flops(step) -> int:
 
 
 def main() -> None:
+    from patchforcing.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()  # same allocator settings as the CLI, for both models
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="B", help="model size letter (T, S, B, L, XL)")
     ap.add_argument("--patch", type=int, default=2)

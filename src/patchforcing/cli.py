@@ -532,6 +532,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .training.trainer import NonFiniteLossError, TrainingError
 
     args = build_parser().parse_args(argv)
+    from .runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()  # reuse large CPU buffers across steps (PATCHFORCING_NO_MALLOC_TUNING=1 turns it off)
     try:
         return args.func(args)
     except (ConfigError, DataError, CheckpointError, AutoencoderError) as e:

@@ -97,9 +97,10 @@ def _rowwise(layer: nn.Module, x: Tensor) -> Tensor:
     """``layer(x)`` for ``(..., D)`` input, computed on >= :data:`MIN_ROWS` rows (padding sliced off)."""
     flat = x.reshape(-1, x.shape[-1])
     m = flat.shape[0]
-    if m < MIN_ROWS:
-        flat = torch.cat([flat, flat[-1:].expand(MIN_ROWS - m, -1)])
-    out = layer(flat)[:m]
+    if m >= MIN_ROWS:  # (no slicing here: its backward would zero-fill a full-size gradient)
+        out = layer(flat)
+    else:
+        out = layer(torch.cat([flat, flat[-1:].expand(MIN_ROWS - m, -1)]))[:m]
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
