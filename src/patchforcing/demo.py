@@ -150,7 +150,7 @@ def _write_summary(out: Path, cfg, result, train_seconds: float, rows: list[Samp
         "",
         "## Pictures",
         "",
-        "- `samplers.png`: the three samplers side by side (same noise, same labels: row = class).",
+        "- `samplers.png`: the three samplers side by side (same noise and labels; each column is one class).",
         "- `uncertainty_and_time.png`: predicted uncertainty (exp(logvar) per patch) and per-patch time",
         "  during look-ahead sampling; bright time = further along (cleaner).",
         "- `trajectory_look_ahead.png`, `trajectory_dual_loop.png`: one image call by call: state, clean",
