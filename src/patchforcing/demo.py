@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoints import load_model
+from .data import SyntheticShapes
 from .evaluation import frechet_distance_from_features
 from .sampling import sample
 from .training.config import load_config
@@ -85,10 +86,11 @@ def run_demo(out: str | Path = "demo-out", overrides: Sequence[str] = (), nfe: i
 
     model = load_model(run_dir)
     data = build_data(cfg)
-    _, val = split_train_val(data, max(cfg.data.val_size, 2))
-    real = torch.stack([val[i][0] for i in range(len(val))])
-    if hasattr(data, "batch"):
-        real = data.batch(list(range(len(data) - num_eval, len(data))))[0]
+    if isinstance(data, SyntheticShapes):  # unseen images: the same generator with another seed
+        real = SyntheticShapes(data.size, data.num_classes, length=num_eval, seed=cfg.data.seed + 1).batch(range(num_eval))[0]
+    else:  # the held-out split the trainer used for its validation loss
+        _, val = split_train_val(data, max(cfg.data.val_size, 2))
+        real = torch.stack([val[i][0] for i in range(len(val))])
     viz.save_grid(torch.stack([data[i][0] for i in range(64)]), out / "data.png", nrow=8)
 
     print(f"[2/3] sampling {num_eval} images with each sampler at {nfe} NFE")
@@ -118,12 +120,12 @@ def run_demo(out: str | Path = "demo-out", overrides: Sequence[str] = (), nfe: i
     viz.trajectory_sheet(res_dl.record, image_index=0, every=max(1, len(res_dl.record) // 8), patch_size=model.patch_size,
                          path=out / "trajectory_dual_loop.png")
 
-    _write_summary(out, cfg, result, train_seconds, rows, nfe, num_eval, len(real))
+    _write_summary(out, cfg, result, train_seconds, resume, rows, nfe, num_eval, len(real))
     print(f"done: open {out / 'summary.md'} and the PNGs beside it")
     return out
 
 
-def _write_summary(out: Path, cfg, result, train_seconds: float, rows: list[SamplerRow], nfe: int,
+def _write_summary(out: Path, cfg, result, train_seconds: float, resumed: bool, rows: list[SamplerRow], nfe: int,
                    num_eval: int, num_real: int) -> None:
     m = result.metrics
     lines = [
@@ -132,7 +134,7 @@ def _write_summary(out: Path, cfg, result, train_seconds: float, rows: list[Samp
         f"Model **{cfg.model.name}** trained on the built-in synthetic shapes "
         f"({cfg.data.resolution}x{cfg.data.resolution}, {cfg.data.num_classes or 8} classes) for "
         f"**{result.step} steps** (batch {cfg.optim.batch_size}, {train_seconds / 60:.1f} min on this machine"
-        f"{', resumed' if train_seconds < 1 else ''}).",
+        f"{'; continued from an earlier run' if resumed else ''}).",
         f"Final training loss {m.get('loss', float('nan')):.4f} (flow matching {m.get('fm', float('nan')):.4f}); "
         f"EMA validation loss {m.get('val_loss', float('nan')):.4f}.",
         "",
@@ -145,7 +147,7 @@ def _write_summary(out: Path, cfg, result, train_seconds: float, rows: list[Samp
         lines.append(f"| {r.sampler} | {r.steps} | {r.nfe} | {r.calls} | {r.seconds:.1f} | {r.images_per_sec:.1f} | {r.pixel_fd:.4f} |")
     lines += [
         "",
-        f"*pixel-FD*: Fréchet distance between {num_eval} samples and {num_real} real images, both "
+        f"*pixel-FD*: Fréchet distance between {num_eval} samples and {num_real} unseen real images, both "
         "area-downsampled to 8x8 pixels (a cheap, dataset-specific quality figure; it is **not** FID).",
         "",
         "## Pictures",
