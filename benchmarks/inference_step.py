@@ -37,11 +37,12 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 import patchforcing as pf
+from _common import cpu_model
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,15 +50,6 @@ import patchforcing as pf
 # --------------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def machine_info(device: torch.device) -> dict[str, str]:
@@ -438,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.markdown:
         md = [
-            f"## Inference step: PFT vs SiT (issue 2)",
+            "## Inference step: PFT vs SiT (issue 2)",
             "",
             "Command:",
             "",

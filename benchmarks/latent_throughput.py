@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,17 +38,9 @@ import patchforcing as pf
 from patchforcing.autoencoders import AutoencoderSpec, DiffusersAutoencoder
 from patchforcing.data import NpzImageDataset
 from patchforcing.latents import LatentDataset, OnlineEncodedDataset, encode_source
+from _common import cpu_model
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def sd_vae(quick: bool):

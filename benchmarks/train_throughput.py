@@ -12,7 +12,6 @@ the same run (large square GEMMs, fp32 and bf16), and a training step's FLOPs ar
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -20,6 +19,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import patchforcing as pf
+from _common import cpu_model
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 5) -> float:
@@ -105,12 +105,7 @@ def main() -> None:
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
 
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     machine = (f"{device.type}: {torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu}, "
                f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"machine: {machine}")

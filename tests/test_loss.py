@@ -10,7 +10,6 @@ import torch
 import patchforcing as pf
 from patchforcing.flow import gaussian_nll, interpolate, patch_to_pixel, pixel_to_patch, segment_losses
 
-from conftest import randomize
 
 
 def test_patch_to_pixel_row_major():

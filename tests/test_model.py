@@ -11,7 +11,6 @@ import torch.nn.functional as F
 import patchforcing as pf
 from patchforcing.models.transformer import sincos_pos_embed_2d, timestep_features
 
-from conftest import randomize
 
 # --------------------------------------------------------------------------------------------
 # released layout (checkpoint-format.md)

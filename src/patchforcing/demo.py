@@ -15,7 +15,6 @@ Writes a folder a person wants to open::
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -9,7 +9,6 @@ Patches are ``p x p`` cells of the input, numbered row-major over the ``h x w`` 
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
