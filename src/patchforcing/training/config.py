@@ -689,8 +689,9 @@ def apply_overrides(cfg: ExperimentConfig, overrides: Sequence[str]) -> Experime
 
 
 def _presets_dir() -> Path:
-    """The repository's top-level ``configs/`` directory (next to ``src/``)."""
-    return Path(__file__).resolve().parents[3] / "configs"
+    """The presets: the repository's top-level ``configs/``, reached through the package's
+    ``configs`` link (a source checkout) or the copy that a built wheel carries."""
+    return Path(__file__).resolve().parent.parent / "configs"
 
 
 def list_presets() -> list[str]:
