@@ -3,7 +3,7 @@
 Every sampler integrates ``dx/dt = v(x, t)`` over an increasing time grid
 ``s_0 < s_1 < ... < s_K`` (t = 0 noise, t = 1 data) and only talks to the network through a
 :class:`~patchforcing.sampling.guidance.GuidedModel`. A sampler knows in advance which calls it
-will make (:meth:`Sampler.call_times`), so the NFE of a run is known before it starts and a
+will make (:meth:`Sampler.calls_per_step`), so the NFE of a run is known before it starts and a
 step count can be chosen to fit an NFE budget.
 
 Difficulty map: ``exp(logvar)`` averaged over each ``p x p`` patch; the *certain* patches are
@@ -172,14 +172,14 @@ class StepContext:
 class Sampler:
     """Base class: a frozen dataclass of options with a step rule.
 
-    Subclasses set ``name``, ``needs_uncertainty`` and implement :meth:`call_times` (the step
-    start time of each call a step makes) and :meth:`step`.
+    Subclasses set ``name``, ``needs_uncertainty`` and implement :meth:`calls_per_step` (how many
+    network calls a step starting at ``s`` makes) and :meth:`step`.
     """
 
     name: ClassVar[str] = ""
     needs_uncertainty: ClassVar[bool] = False
 
-    def call_times(self, s: float) -> int:
+    def calls_per_step(self, s: float) -> int:
         """Number of network calls made by a step starting at ``s``."""
         return 1
 
@@ -187,7 +187,7 @@ class Sampler:
         """``(calls, nfe per image)`` of a run over ``grid`` (exact; no network call)."""
         calls = nfe = 0
         for s in grid[:-1].tolist():
-            n = self.call_times(s)
+            n = self.calls_per_step(s)
             calls += n
             nfe += n * (2 if guided_at(s) else 1)
         return calls, nfe
@@ -250,7 +250,7 @@ class DualLoop(Sampler):
         if int(self.n_inner) != self.n_inner or self.n_inner < 1:
             raise ValueError(f"dual_loop: n_inner must be an integer >= 1, got {self.n_inner}")
 
-    def call_times(self, s: float) -> int:
+    def calls_per_step(self, s: float) -> int:
         return int(self.n_inner)
 
     def step(self, ctx: StepContext, x: Tensor, k: int, s: float, s_next: float) -> Tensor:
@@ -295,7 +295,7 @@ class LookAhead(Sampler):
         if self.context_ratio < 1.0:
             raise ValueError(f"look_ahead: context_ratio must be >= 1, got {self.context_ratio}")
 
-    def call_times(self, s: float) -> int:
+    def calls_per_step(self, s: float) -> int:
         return 1 if s <= self.early_t else 2
 
     def step(self, ctx: StepContext, x: Tensor, k: int, s: float, s_next: float) -> Tensor:
