@@ -194,11 +194,6 @@ class AutoencoderSpec:
         shift, mult = self._affine(z)
         return z / mult + shift
 
-    def scale_std(self, std: Tensor) -> Tensor:
-        """A posterior std ``(..., C, h, w)`` in the scaled space (multiplied, not shifted)."""
-        _, mult = self._affine(std)
-        return std * mult
-
 
 # --------------------------------------------------------------------------------------------
 # the interface and its implementations

@@ -13,7 +13,7 @@ import math
 from typing import Callable, Protocol
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .path import interpolate, target_velocity
 from .timesteps import TimestepSampler, make_timestep_sampler
@@ -46,13 +46,6 @@ def gaussian_nll(u: Tensor, v: Tensor, logvar: Tensor) -> Tensor:
     """
     lv = logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
     return 0.5 * (_LOG_2PI + lv + (u - v.detach()) ** 2 * torch.exp(-lv))
-
-
-def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return fallback
 
 
 def patch_flow_loss(

@@ -75,9 +75,6 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
             out.append((epoch, int(self.permutation(epoch)[j])))
         return out
 
-    def epoch_of(self, step: int) -> int:
-        return step * self.global_batch // self.epoch_len
-
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for step in range(self.start_step, self.max_steps):
             for micro in range(self.grad_accum):

@@ -123,7 +123,7 @@ def build_data(cfg: ExperimentConfig) -> Dataset:
 def build_model_for(cfg: ExperimentConfig, dataset: Dataset | None = None) -> PatchForcingTransformer:
     """The model of a config; sizes the config leaves open come from the data set."""
     m = cfg.model
-    overrides = {k: getattr(m, k) for k in ("depth", "hidden_size", "num_heads", "mlp_ratio") if getattr(m, k) is not None}
+    overrides = m.preset_overrides()
     input_size = m.input_size or getattr(dataset, "input_size", None) or getattr(dataset, "resolution", None) or cfg.data.resolution
     in_channels = m.in_channels or getattr(dataset, "channels", None) or 3
     num_classes = m.num_classes if m.num_classes is not None else getattr(dataset, "num_classes", None)
