@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine (CPU, Python >= 3.10):
 #   make demo   set up .venv and run the CPU demo (train a small PFT, sample, write demo-out/)
-#   make test   set up .venv and run the test suite (what .ci/run calls)
+#   make test   set up .venv, lint (ruff) and run the test suite (what .ci/run calls)
 # The CPU build of torch is pinned: an unpinned `torch` would pull a multi-GB CUDA build.
 
 PYTHON ?= python3
@@ -23,6 +23,8 @@ demo: setup
 	$(BIN)/patchforcing demo --out demo-out
 
 test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 bench: setup

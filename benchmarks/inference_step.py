@@ -44,12 +44,9 @@ import torch
 import patchforcing as pf
 from _common import cpu_model
 
-
 # --------------------------------------------------------------------------------------------
 # Setup helpers
 # --------------------------------------------------------------------------------------------
-
-
 
 
 def machine_info(device: torch.device) -> dict[str, str]:
@@ -111,8 +108,9 @@ def sync(device: torch.device) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def lookahead_times(B: int, N: int, g: torch.Generator, frac: float = 0.4, hi: float = 0.7,
-                    lo: float = 0.5) -> torch.Tensor:
+def lookahead_times(
+    B: int, N: int, g: torch.Generator, frac: float = 0.4, hi: float = 0.7, lo: float = 0.5
+) -> torch.Tensor:
     """``(B, N)`` times: a random ``frac`` of each image's patches at ``hi``, the rest at ``lo``."""
     n_hi = int(round(frac * N))
     t = torch.full((B, N), lo)
@@ -176,7 +174,7 @@ def bench_step(sit, pft, args, device) -> list[Variant]:
     with torch.inference_mode():
         for r in range(total):
             # rotate the starting variant each round so no variant always runs first / last
-            order = variants[r % len(variants):] + variants[: r % len(variants)]
+            order = variants[r % len(variants) :] + variants[: r % len(variants)]
             for v in order:
                 dt, cpu = run(v)
                 if r >= args.warmup:
@@ -241,7 +239,7 @@ def bench_samplers(pft, args, device) -> list[dict[str, Any]]:
         for n in names:
             pf.sample(proxy, noise, sampler=n, nfe=4, y=y)
         for r in range(args.sampler_repeats):
-            order = names[r % len(names):] + names[: r % len(names)]
+            order = names[r % len(names) :] + names[: r % len(names)]
             for n in order:
                 proxy.reset()
                 res = pf.sample(proxy, noise, sampler=n, nfe=args.nfe, y=y, cfg_scale=1.0)
@@ -299,12 +297,16 @@ def step_table(variants: list[Variant], markdown: bool) -> str:
     base = variants[0]
     lines = []
     if markdown:
-        lines.append("| variant | conditioning | median ms/step | min ms | max ms | ratio vs SiT (medians) "
-                     "| paired ratio (median) | ratio of mins | CPU-time ratio |")
+        lines.append(
+            "| variant | conditioning | median ms/step | min ms | max ms | ratio vs SiT (medians) "
+            "| paired ratio (median) | ratio of mins | CPU-time ratio |"
+        )
         lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     else:
-        lines.append(f"{'':2} {'variant':52} {'median ms':>10} {'min':>9} {'max':>9} {'vs SiT':>8} "
-                     f"{'paired':>8} {'mins':>8} {'CPU':>8}")
+        lines.append(
+            f"{'':2} {'variant':52} {'median ms':>10} {'min':>9} {'max':>9} {'vs SiT':>8} "
+            f"{'paired':>8} {'mins':>8} {'CPU':>8}"
+        )
     for v in variants:
         med = statistics.median(v.times)
         r_med, r_pair, r_min, r_cpu = ratios(v, base)
@@ -321,9 +323,9 @@ def step_table(variants: list[Variant], markdown: bool) -> str:
                 f"{1e3 * max(v.times):9.1f} {r_med:7.3f}x {r_pair:7.3f}x {r_min:7.3f}x {r_cpu:7.3f}x"
             )
     spread = max(base.times) / min(base.times)
-    note = (f"SiT max/min spread {spread:.2f}"
-            + (" -- NOISY run (machine busy?): trust the paired ratio and the ratio of mins"
-               if spread > 1.25 else ""))
+    note = f"SiT max/min spread {spread:.2f}" + (
+        " -- NOISY run (machine busy?): trust the paired ratio and the ratio of mins" if spread > 1.25 else ""
+    )
     lines.append("" if not markdown else "")
     lines.append(note if not markdown else f"_{note}_")
     return "\n".join(lines)
@@ -356,11 +358,12 @@ def sampler_table(rows: list[dict[str, Any]], B: int, markdown: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from patchforcing.runtime import tune_cpu_allocator
+    from patchforcing.utils.runtime import tune_cpu_allocator
 
     tune_cpu_allocator()  # same allocator settings as the CLI, for both models
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model-size", default="B", choices=["T", "S", "B"], help="X in PFT-X/2 and SiT-X/2")
     ap.add_argument("--batch-size", type=int, default=8, help="batch of the single-step timings")
     ap.add_argument("--repeats", type=int, default=7, help="timed rounds over all step variants")
@@ -407,21 +410,27 @@ def main(argv: list[str] | None = None) -> int:
     saving_euler = ratios(by["f"], by["b"])[1]
     worst_overhead = max((r["overhead"] for r in rows if r["sampler"] != "euler_pf"), default=float("nan"))
 
-    print(f"Inference step: PFT-{size}/2 vs SiT-{size}/2, batch {args.batch_size}, 32x32x4 latents, "
-          f"{args.dtype} on {device.type}, {args.repeats} timed rounds (+{args.warmup} warm-up), round-robin")
+    print(
+        f"Inference step: PFT-{size}/2 vs SiT-{size}/2, batch {args.batch_size}, 32x32x4 latents, "
+        f"{args.dtype} on {device.type}, {args.repeats} timed rounds (+{args.warmup} warm-up), round-robin"
+    )
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
     print()
     print(step_table(variants, markdown=False))
     print()
-    print(f"PFT Euler step / SiT step (b/a): {euler_ratio:.3f}x medians, {euler_paired:.3f}x paired, "
-          f"{euler_min:.3f}x mins, {euler_cpu:.3f}x CPU time  [{'PASS' if euler_paired <= 1.05 else 'FAIL'} (paired): bar 1.05x]")
+    print(
+        f"PFT Euler step / SiT step (b/a): {euler_ratio:.3f}x medians, {euler_paired:.3f}x paired, "
+        f"{euler_min:.3f}x mins, {euler_cpu:.3f}x CPU time  [{'PASS' if euler_paired <= 1.05 else 'FAIL'} (paired): bar 1.05x]"
+    )
     print(f"per-token / shared (paired): Euler (f/b) {saving_euler:.3f}x, look-ahead (e/d) {saving_la:.3f}x")
     if rows:
         print()
         print(f"Samplers at NFE {args.nfe}, batch {args.sampler_batch}, PFT-{size}/2 (shared conditioning):")
         print(sampler_table(rows, args.sampler_batch, markdown=False))
-        print(f"adaptive samplers' time outside network calls: worst {100 * worst_overhead:.2f} % "
-              f"[{'PASS' if worst_overhead < 0.03 else 'FAIL'}: bar 3 %]")
+        print(
+            f"adaptive samplers' time outside network calls: worst {100 * worst_overhead:.2f} % "
+            f"[{'PASS' if worst_overhead < 0.03 else 'FAIL'}: bar 3 %]"
+        )
     try:
         load_end = f", load avg (1 min) at the end {os.getloadavg()[0]:.2f}"
     except OSError:

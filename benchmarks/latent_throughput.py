@@ -35,12 +35,10 @@ import torch
 from torch.utils.data import DataLoader
 
 import patchforcing as pf
+from _common import cpu_model
 from patchforcing.autoencoders import AutoencoderSpec, DiffusersAutoencoder
 from patchforcing.data import NpzImageDataset
 from patchforcing.latents import LatentDataset, OnlineEncodedDataset, encode_source
-from _common import cpu_model
-
-
 
 
 def sd_vae(quick: bool):
@@ -49,12 +47,23 @@ def sd_vae(quick: bool):
 
     torch.manual_seed(0)
     if quick:
-        return AutoencoderKL(block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-                             up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=4,
-                             latent_channels=4, sample_size=256)
-    return AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
-                         sample_size=256)
+        return AutoencoderKL(
+            block_out_channels=(8, 16, 16, 16),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=1,
+            norm_num_groups=4,
+            latent_channels=4,
+            sample_size=256,
+        )
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=256,
+    )
 
 
 def sync(device: torch.device) -> None:
@@ -77,8 +86,20 @@ def median_time(fn, repeats: int, device: torch.device) -> float:
 def make_images(path: Path, n: int, res: int) -> Path:
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:res, 0:res] / res
-    imgs = [np.clip(np.stack([127 + 120 * np.sin((4 + 8 * rng.random()) * (xx * rng.random() + yy * rng.random()))
-                              for _ in range(3)], -1), 0, 255).astype(np.uint8) for _ in range(n)]
+    imgs = [
+        np.clip(
+            np.stack(
+                [
+                    127 + 120 * np.sin((4 + 8 * rng.random()) * (xx * rng.random() + yy * rng.random()))
+                    for _ in range(3)
+                ],
+                -1,
+            ),
+            0,
+            255,
+        ).astype(np.uint8)
+        for _ in range(n)
+    ]
     np.savez(path, images=np.stack(imgs), labels=np.arange(n) % 10)
     return path
 
@@ -86,11 +107,25 @@ def make_images(path: Path, n: int, res: int) -> Path:
 def train_images_per_sec(dataset, model_name: str, batch: int, steps: int, device: torch.device) -> float:
     """Images/s of ``steps`` optimizer steps (after one warm-up step) reading ``dataset``."""
     torch.manual_seed(0)
-    model = pf.create_model(model_name, input_size=dataset.input_size, in_channels=dataset.channels,
-                            num_classes=max(10, dataset.num_classes)).to(device).train()
+    model = (
+        pf.create_model(
+            model_name,
+            input_size=dataset.input_size,
+            in_channels=dataset.channels,
+            num_classes=max(10, dataset.num_classes),
+        )
+        .to(device)
+        .train()
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=0, drop_last=True,
-                        generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        dataset,
+        batch_size=batch,
+        shuffle=True,
+        num_workers=0,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     g = torch.Generator(device=device).manual_seed(0)
 
     def batches():
@@ -132,9 +167,11 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     res = 256
 
-    print(f"# latent pipeline throughput: {cpu_model() if device.type == 'cpu' else torch.cuda.get_device_name(device)}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
-          f"{os.getloadavg()[0]:.1f}" + (" (QUICK)" if args.quick else ""))
+    print(
+        f"# latent pipeline throughput: {cpu_model() if device.type == 'cpu' else torch.cuda.get_device_name(device)}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
+        f"{os.getloadavg()[0]:.1f}" + (" (QUICK)" if args.quick else "")
+    )
     vae = sd_vae(args.quick)
     ae = DiffusersAutoencoder(vae.to(device), AutoencoderSpec.sd_vae("random-init SD-VAE architecture"))
     n_params = sum(p.numel() for p in vae.encoder.parameters()) + sum(p.numel() for p in vae.quant_conv.parameters())
@@ -151,8 +188,17 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         npz = make_images(Path(tmp) / "images.npz", args.num_images, res)
-        result = encode_source(npz, Path(tmp) / "latents", ae, resolution=res, flip=False, batch_size=args.batch_size,
-                               shard_size=max(1, args.num_images // 2), device=device, progress=False)
+        result = encode_source(
+            npz,
+            Path(tmp) / "latents",
+            ae,
+            resolution=res,
+            flip=False,
+            batch_size=args.batch_size,
+            shard_size=max(1, args.num_images // 2),
+            device=device,
+            progress=False,
+        )
         rows.append((f"`patchforcing encode` .npz -> shards ({args.num_images} images)", result.images_per_sec))
         cached = LatentDataset(Path(tmp) / "latents", flip=True)
         batch = min(args.train_batch, len(cached))
@@ -162,8 +208,10 @@ def main(argv=None) -> int:
         ips_online = train_images_per_sec(online, args.model, batch, args.online_steps, device)
         rows.append((f"train {args.model} with online VAE encoding (batch {batch})", ips_online))
 
-    print(f"\nSD-VAE encoder: {n_params / 1e6:.1f} M parameters; VAE batch {args.batch_size}, median of "
-          f"{args.repeats}; training: {args.cached_steps} (cached) / {args.online_steps} (online) timed steps\n")
+    print(
+        f"\nSD-VAE encoder: {n_params / 1e6:.1f} M parameters; VAE batch {args.batch_size}, median of "
+        f"{args.repeats}; training: {args.cached_steps} (cached) / {args.online_steps} (online) timed steps\n"
+    )
     print("| measurement | images/s |")
     print("|---|---|")
     for name, v in rows:

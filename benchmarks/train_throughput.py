@@ -70,7 +70,7 @@ def count_flops(step) -> int:
 
 
 def main() -> None:
-    from patchforcing.runtime import tune_cpu_allocator
+    from patchforcing.utils.runtime import tune_cpu_allocator
 
     tune_cpu_allocator()  # same allocator settings as the CLI, for both models
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,8 +87,12 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     names = [f"PFT-{args.size}/{args.patch}", f"SiT-{args.size}/{args.patch}"]
-    models = {n: pf.create_model(n, input_size=args.input_size, in_channels=args.channels, num_classes=1000).to(device).train()
-              for n in names}
+    models = {
+        n: pf.create_model(n, input_size=args.input_size, in_channels=args.channels, num_classes=1000)
+        .to(device)
+        .train()
+        for n in names
+    }
     precisions = args.precisions.split(",")
     peaks = {p: matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16, device) for p in precisions}
     steps = {(n, p): make_step(models[n], args.batch_size, p, device) for n in names for p in precisions}
@@ -106,11 +110,15 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
 
     cpu = cpu_model()
-    machine = (f"{device.type}: {torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu}, "
-               f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    machine = (
+        f"{device.type}: {torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
     print(f"machine: {machine}")
-    print(f"model {names[0]} vs {names[1]}, input {args.channels}x{args.input_size}x{args.input_size}, batch {args.batch_size}, "
-          f"{args.repeats} interleaved repeats (median)")
+    print(
+        f"model {names[0]} vs {names[1]}, input {args.channels}x{args.input_size}x{args.input_size}, batch {args.batch_size}, "
+        f"{args.repeats} interleaved repeats (median)"
+    )
     rows = []
     for p in precisions:
         print(f"matmul peak {p}: {peaks[p] / 1e9:.1f} GFLOP/s")
@@ -118,7 +126,9 @@ def main() -> None:
             t = med[(n, p)]
             achieved = flops[n] / t
             rows.append((p, n, t * 1e3, args.batch_size / t, flops[n] / 1e9, achieved / 1e9, achieved / peaks[p]))
-    print(f"{'prec':5s} {'model':10s} {'ms/step':>9s} {'img/s':>8s} {'GFLOP/step':>11s} {'GFLOP/s':>9s} {'of peak':>8s}")
+    print(
+        f"{'prec':5s} {'model':10s} {'ms/step':>9s} {'img/s':>8s} {'GFLOP/step':>11s} {'GFLOP/s':>9s} {'of peak':>8s}"
+    )
     for p, n, ms, ips, gf, gfs, frac in rows:
         print(f"{p:5s} {n:10s} {ms:9.1f} {ips:8.2f} {gf:11.2f} {gfs:9.1f} {frac:8.1%}")
     for p in precisions:
@@ -129,7 +139,9 @@ def main() -> None:
     print(f"FLOPs PFT/SiT per step: {flops[names[0]] / flops[names[1]]:.3f} (per-token adaLN during training)")
     if args.markdown:
         print()
-        print(f"Machine: {machine}. `python benchmarks/train_throughput.py --size {args.size} --batch-size {args.batch_size}`")
+        print(
+            f"Machine: {machine}. `python benchmarks/train_throughput.py --size {args.size} --batch-size {args.batch_size}`"
+        )
         print()
         print("| precision | model | ms/step | images/s | GFLOP/step | GFLOP/s | of matmul peak |")
         print("|---|---|---:|---:|---:|---:|---:|")
@@ -138,7 +150,11 @@ def main() -> None:
         print()
         print("| | " + " | ".join(precisions) + " |")
         print("|---|" + "---:|" * len(precisions))
-        print("| PFT/SiT step time | " + " | ".join(f"{med[(names[0], p)] / med[(names[1], p)]:.3f}" for p in precisions) + " |")
+        print(
+            "| PFT/SiT step time | "
+            + " | ".join(f"{med[(names[0], p)] / med[(names[1], p)]:.3f}" for p in precisions)
+            + " |"
+        )
         print("| matmul peak GFLOP/s | " + " | ".join(f"{peaks[p] / 1e9:.1f}" for p in precisions) + " |")
 
 

@@ -40,9 +40,19 @@ class AnalyticModel(nn.Module):
     fixed, patch-varying log-variance ``lv(pixel)`` (+ ``label_lv`` for real labels).
     """
 
-    def __init__(self, size: int = 8, channels: int = 2, patch: int = 2, num_classes: int = 3,
-                 a: float = 0.5, b: float = 0.0, label_shift: float = 0.0, label_lv: float = 0.0,
-                 constant_logvar: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        size: int = 8,
+        channels: int = 2,
+        patch: int = 2,
+        num_classes: int = 3,
+        a: float = 0.5,
+        b: float = 0.0,
+        label_shift: float = 0.0,
+        label_lv: float = 0.0,
+        constant_logvar: bool = False,
+        seed: int = 0,
+    ):
         super().__init__()
         self.patch_size = patch
         self.image_size = (size, size)

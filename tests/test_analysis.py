@@ -13,13 +13,13 @@ from PIL import Image
 from torch import Tensor, nn
 
 import patchforcing as pf
+from conftest import randomize
 from patchforcing import analysis
 from patchforcing.analysis import analyze, context_mask, context_time, pearson_r, spearman_r
 from patchforcing.cli import main
 from patchforcing.flow.path import interpolate, patch_to_pixel
-from patchforcing.trajectory import render_trajectory
-
-from conftest import randomize
+from patchforcing.utils.seeding import indexed_randn, item_hash
+from patchforcing.viz import render_trajectory
 
 T_VALUES = [0.2, 0.5, 0.8]
 
@@ -92,6 +92,30 @@ def test_context_mask_and_time_rule():
         context_mask(range(2), 16, 1.0)
 
 
+def test_noise_and_context_are_bit_identical_to_the_item_hash_seeding():
+    """The analysis' noise of item i is randn from Generator().manual_seed(item_hash(salt, seed, i))."""
+    salt = analysis.measure._NOISE_SALT
+    old = torch.stack(
+        [torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(item_hash(salt, 5, i))) for i in (0, 3, 7)]
+    )
+    assert torch.equal(indexed_randn(salt, 5, [0, 3, 7], (3, 4, 4)), old)
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(item_hash(analysis.measure._MASK_SALT, 5, 3)))
+    expected = torch.zeros(16, dtype=torch.bool)
+    expected[perm[:8]] = True
+    assert torch.equal(context_mask([3], 16, 0.5, seed=5)[0], expected)
+
+
+def test_public_names_and_format_table(tmp_path):
+    for name in analysis.__all__:
+        assert hasattr(analysis, name)
+    res = analyze(
+        OracleModel(), torch.zeros(2, 2, 8, 8), None, num_images=2, t_values=[0.5], batch_size=2, progress=False
+    )
+    table = analysis.format_table(res).splitlines()
+    assert table[1].split()[:3] == ["0.50", "1.000", f"{res['correlation']['spearman_r'][0]:.3f}"]
+    assert "R = 0.11 at t = 0.2, R = 0.52 at t = 0.6" in table[-1]
+
+
 # ------------------------------------------------------------------------------ analyze
 
 
@@ -99,8 +123,7 @@ def test_oracle_model_exact_numbers_and_t_maps(tmp_path):
     model = OracleModel()
     n, N = 5, model.num_patches
     data = torch.zeros(n, 2, 8, 8)
-    res = analyze(model, data, tmp_path / "out", num_images=n, t_values=T_VALUES, batch_size=n, seed=7,
-                  progress=False)
+    res = analyze(model, data, tmp_path / "out", num_images=n, t_values=T_VALUES, batch_size=n, seed=7, progress=False)
     c = res["correlation"]
     assert c["pearson_r"] == pytest.approx([1.0] * 3, abs=1e-6)
     assert min(c["spearman_r"]) > 0.995  # (ties: every image has the same variances; the errors differ by rounding)
@@ -148,14 +171,16 @@ def test_tiny_pft_correlation_matches_numpy_and_is_batch_invariant(tiny_pft):
     x = torch.randn(6, 3, 8, 8, generator=g).clamp(-1, 1)
     y = torch.arange(6) % 5
     res = analyze(tiny_pft, (x, y), None, num_images=6, t_values=[0.3, 0.6], batch_size=6, seed=2, progress=False)
-    x0 = analysis._noise(2, range(6), (3, 8, 8))
+    x0 = indexed_randn(analysis.measure._NOISE_SALT, 2, range(6), (3, 8, 8))
     for j, t in enumerate([0.3, 0.6]):
         tt = torch.full((6, 16), t)
         with torch.no_grad():
             v, lv = tiny_pft(interpolate(x0, x, tt, 2), tt, y)
         unc = _numpy_patch_mean(np.exp(lv.double().numpy()), 2)
         err = _numpy_patch_mean(((v - (x - x0)) ** 2).double().numpy(), 2)
-        assert res["correlation"]["pearson_r"][j] == pytest.approx(np.corrcoef(unc.ravel(), err.ravel())[0, 1], abs=1e-5)
+        assert res["correlation"]["pearson_r"][j] == pytest.approx(
+            np.corrcoef(unc.ravel(), err.ravel())[0, 1], abs=1e-5
+        )
         assert res["correlation"]["mean_squared_error"][j] == pytest.approx(err.mean(), rel=1e-5)
     other = analyze(tiny_pft, (x, y), None, num_images=6, t_values=[0.3, 0.6], batch_size=4, seed=2, progress=False)
     for key in ("pearson_r", "mean_uncertainty"):
@@ -174,11 +199,21 @@ def test_analyze_refuses_models_without_a_head_and_bad_labels(tiny_sit, tiny_pft
 
 
 def test_latent_model_takes_latents_and_viz_decodes(tmp_path):
-    m = randomize(pf.create_model("PFT-T/2", input_size=8, in_channels=4, num_classes=3, depth=1, hidden_size=32,
-                                  num_heads=2), seed=2).eval()
+    m = randomize(
+        pf.create_model("PFT-T/2", input_size=8, in_channels=4, num_classes=3, depth=1, hidden_size=32, num_heads=2),
+        seed=2,
+    ).eval()
     z = torch.randn(3, 4, 8, 8)
-    res = analyze(m, z, None, num_images=3, t_values=[0.5], scatter_t=[0.5], progress=False,
-                  autoencoder=lambda: pytest.fail("latent data need no autoencoder"))
+    res = analyze(
+        m,
+        z,
+        None,
+        num_images=3,
+        t_values=[0.5],
+        scatter_t=[0.5],
+        progress=False,
+        autoencoder=lambda: pytest.fail("latent data need no autoencoder"),
+    )
     assert res["settings"]["space"].startswith("latents") and res["correlation"]["num_pairs"] == 3 * 16
 
     def decode(lat):  # a stand-in VAE: 4 latent channels at 8x8 -> RGB at 32x32
@@ -195,18 +230,58 @@ def test_latent_model_takes_latents_and_viz_decodes(tmp_path):
 
 def test_cli_viz_png_gif_overview(ckpt, tmp_path, capsys):
     gif = tmp_path / "x.gif"
-    assert main(["viz", str(ckpt), "--sampler", "look_ahead", "--steps", "4", "--index", "2", "--out", str(gif),
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "viz",
+                str(ckpt),
+                "--sampler",
+                "look_ahead",
+                "--steps",
+                "4",
+                "--index",
+                "2",
+                "--out",
+                str(gif),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     with Image.open(gif) as im:
         assert im.n_frames == 7  # 1 early call + 3 steps x 2 calls
     png = tmp_path / "x.png"
-    assert main(["viz", str(ckpt), "--sampler", "dual_loop", "--steps", "2", "--n-inner", "3", "--class", "1",
-                 "--every", "2", "--out", str(png), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "viz",
+                str(ckpt),
+                "--sampler",
+                "dual_loop",
+                "--steps",
+                "2",
+                "--n-inner",
+                "3",
+                "--class",
+                "1",
+                "--every",
+                "2",
+                "--out",
+                str(png),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     with Image.open(png) as im:
         assert im.height > 4 * 128  # 4 rows of >= 128 px tiles (calls 0, 2, 4, 5)
     ov = tmp_path / "ov.png"
-    assert main(["viz", str(ckpt), "--steps", "4", "--overview", "--num-images", "2", "--out", str(ov),
-                 "--device", "cpu"]) == 0
+    assert (
+        main(["viz", str(ckpt), "--steps", "4", "--overview", "--num-images", "2", "--out", str(ov), "--device", "cpu"])
+        == 0
+    )
     assert ov.is_file()
     text = capsys.readouterr().out
     assert "sample 2" in text and "7 frames" in text and "4 rows" in text
@@ -222,15 +297,34 @@ def test_viz_sample_matches_generated_sample(ckpt):
     spec = GenerationSpec(num_samples=3, seed=5, sampler="euler_pf", steps=3)
     noise = sample_noise(5, [0, 1, 2], (3, 16, 16))
     ref = pf.sample(model, noise, "euler_pf", 3, y=sample_labels(spec, [0, 1, 2], 4))
-    shown = pf.sample(model, sample_noise(5, [2], (3, 16, 16)), "euler_pf", 3, y=sample_labels(spec, [2], 4),
-                      record=True)
+    shown = pf.sample(
+        model, sample_noise(5, [2], (3, 16, 16)), "euler_pf", 3, y=sample_labels(spec, [2], 4), record=True
+    )
     assert torch.allclose(shown.x[0], ref.x[2], atol=1e-5)
 
 
 def test_cli_analyze_subprocess(ckpt, tmp_path):
     out = tmp_path / "analysis"
-    cmd = [sys.executable, "-m", "patchforcing", "analyze", str(ckpt), "--data", "synthetic", "--out", str(out),
-           "--num-images", "6", "--t-bins", "0.2,0.6", "--batch-size", "4", "--quiet", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "patchforcing",
+        "analyze",
+        str(ckpt),
+        "--data",
+        "synthetic",
+        "--out",
+        str(out),
+        "--num-images",
+        "6",
+        "--t-bins",
+        "0.2,0.6",
+        "--batch-size",
+        "4",
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "0.60" in proc.stdout and "paper" in proc.stdout
@@ -254,22 +348,60 @@ def test_latent_model_on_a_latent_store_and_on_images_through_its_vae(tmp_path, 
     from patchforcing.latents import encode_source
 
     torch.manual_seed(0)  # a random 3-level SD-VAE-like KL autoencoder: 32x32 images -> 4x8x8 latents
-    AutoencoderKL(block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
-                  up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, norm_num_groups=4,
-                  latent_channels=4, sample_size=32).save_pretrained(tmp_path / "vae")
+    AutoencoderKL(
+        block_out_channels=(8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=4,
+        sample_size=32,
+    ).save_pretrained(tmp_path / "vae")
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "images.npz", images=rng.integers(0, 255, (6, 32, 32, 3), dtype=np.uint8),
-             labels=np.arange(6) % 3)
-    encode_source(tmp_path / "images.npz", tmp_path / "store", str(tmp_path / "vae"), resolution=32, batch_size=6,
-                  shard_size=6, device="cpu", progress=False)
+    np.savez(
+        tmp_path / "images.npz", images=rng.integers(0, 255, (6, 32, 32, 3), dtype=np.uint8), labels=np.arange(6) % 3
+    )
+    encode_source(
+        tmp_path / "images.npz",
+        tmp_path / "store",
+        str(tmp_path / "vae"),
+        resolution=32,
+        batch_size=6,
+        shard_size=6,
+        device="cpu",
+        progress=False,
+    )
     m = pf.create_model("PFT-T/2", input_size=8, in_channels=4, num_classes=3, depth=1, hidden_size=32, num_heads=2)
     ckpt = tmp_path / "latent.safetensors"
-    pf.save_model(randomize(m, seed=4).eval(), ckpt, metadata={"autoencoder": {
-        "kind": "kl", "source": str(tmp_path / "vae"), "scale_factor": 0.18215, "shift_factor": 0.0}})
+    pf.save_model(
+        randomize(m, seed=4).eval(),
+        ckpt,
+        metadata={
+            "autoencoder": {"kind": "kl", "source": str(tmp_path / "vae"), "scale_factor": 0.18215, "shift_factor": 0.0}
+        },
+    )
     for data in ("store", "images.npz"):  # latents directly; images encoded by the checkpoint's VAE
         out = tmp_path / f"an_{data}"
-        assert main(["analyze", str(ckpt), "--data", str(tmp_path / data), "--out", str(out), "--num-images", "4",
-                     "--t-bins", "0.5", "--quiet", "--device", "cpu"]) == 0
+        assert (
+            main(
+                [
+                    "analyze",
+                    str(ckpt),
+                    "--data",
+                    str(tmp_path / data),
+                    "--out",
+                    str(out),
+                    "--num-images",
+                    "4",
+                    "--t-bins",
+                    "0.5",
+                    "--quiet",
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 0
+        )
         res = json.loads((out / "analysis.json").read_text())
         assert res["settings"]["space"].startswith("latents") and res["correlation"]["num_pairs"] == 4 * 16
         assert res["settings"]["labels"] == "the items' labels"
@@ -281,8 +413,28 @@ def test_latent_model_on_a_latent_store_and_on_images_through_its_vae(tmp_path, 
 
 def test_cli_analyze_uses_a_configs_held_out_split(ckpt, tmp_path, capsys):
     out = tmp_path / "cfg"
-    assert main(["analyze", str(ckpt), "--data", "tiny-test", "--out", str(out), "--num-images", "4",
-                 "--t-bins", "0.5", "--context-t", "0.9", "--quiet", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                str(ckpt),
+                "--data",
+                "tiny-test",
+                "--out",
+                str(out),
+                "--num-images",
+                "4",
+                "--t-bins",
+                "0.5",
+                "--context-t",
+                "0.9",
+                "--quiet",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "analysis.json").read_text())
     assert "val_size = 8" in res["settings"]["data"]["held_out"] and res["settings"]["num_images"] == 4
     assert res["settings"]["context_rule"] == "t_ctx = max(t, 0.9)" and res["context"]["t_context"] == [0.9]

@@ -21,10 +21,12 @@ from patchforcing.data import (
     class_examples,
     composite_on_white,
     save_image_grid,
+    scan_image_files,
     to_float,
     to_uint8,
 )
 from patchforcing.data.augment import hflip_flag
+from patchforcing.evaluation import open_images
 
 
 def _emoji_path() -> Path | None:
@@ -350,3 +352,21 @@ def test_class_examples():
     ds = SyntheticShapes(num_classes=3, length=30)
     x, y = class_examples(ds, per_class=4)
     assert x.shape == (12, 3, 32, 32) and y.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+
+
+def test_scan_image_files_is_the_one_scanner_of_datasets_and_evaluation(tmp_path: Path):
+    img = Image.new("RGB", (4, 4), (10, 20, 30))
+    for rel in ["b/2.PNG", "b/1.jpg", "a/x/deep.jpeg", "a/top.png", "a/.hidden.png", ".cache/c.png", "a/notes.txt"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        if rel.endswith(".txt"):
+            (tmp_path / rel).write_text("not an image")
+        else:
+            img.save(tmp_path / rel, format="PNG" if rel.lower().endswith("png") else "JPEG")
+    want = [str(tmp_path / r) for r in ["a/top.png", "a/x/deep.jpeg", "b/1.jpg", "b/2.PNG"]]
+    assert scan_image_files(tmp_path) == want
+    assert scan_image_files(tmp_path / "a", recursive=False) == [str(tmp_path / "a/top.png")]
+    assert scan_image_files(tmp_path, exts=(".jpg",)) == [str(tmp_path / "b/1.jpg")]
+    # the same files, in the same order, for training (per class) and for evaluation (the whole folder)
+    ds = ImageFolderDataset(tmp_path, 4, flip=False)
+    assert [p for p, _ in ds.samples] == want and ds.class_names == ["a", "b"]
+    assert open_images(tmp_path)._files == want

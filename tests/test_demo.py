@@ -1,25 +1,88 @@
 """The demo end to end at toy scale: every file a person opens is written."""
 
+import pytest
+
+from patchforcing import demo
+from patchforcing.cli import main
 from patchforcing.demo import DEMO_SAMPLERS, run_demo
 
 
 def test_demo_writes_its_folder(tmp_path):
-    out = run_demo(tmp_path / "demo", ["train.max_steps=3", "model.depth=1", "data.length=300", "data.val_size=16",
-                                       "optim.batch_size=8", "sample.num=4", "sample.steps=2", "train.progress=false",
-                                       "train.sample_every=3", "train.precision=fp32"],
-                   nfe=6, num_eval=24, progress=False)
+    out = run_demo(
+        tmp_path / "demo",
+        [
+            "train.max_steps=3",
+            "model.depth=1",
+            "data.length=300",
+            "data.val_size=16",
+            "optim.batch_size=8",
+            "sample.num=4",
+            "sample.steps=2",
+            "train.progress=false",
+            "train.sample_every=3",
+            "train.precision=fp32",
+        ],
+        nfe=6,
+        num_eval=24,
+        progress=False,
+    )
     names = {p.name for p in out.iterdir()}
-    for f in ["summary.md", "summary.json", "samplers.png", "uncertainty_and_time.png", "trajectory_look_ahead.png",
-              "trajectory_dual_loop.png", "data.png", "run"]:
+    for f in [
+        "summary.md",
+        "summary.json",
+        "samplers.png",
+        "uncertainty_and_time.png",
+        "trajectory_look_ahead.png",
+        "trajectory_dual_loop.png",
+        "data.png",
+        "run",
+    ]:
         assert f in names
     for s in DEMO_SAMPLERS:
         assert f"samples_{s}.png" in names
     summary = (out / "summary.md").read_text()
-    assert "| look_ahead | 3 | 5 |" in summary and "| dual_loop | 1 | 4 |" in summary and "| euler_pf | 6 | 6 |" in summary
+    assert (
+        "| look_ahead | 3 | 5 |" in summary and "| dual_loop | 1 | 4 |" in summary and "| euler_pf | 6 | 6 |" in summary
+    )
     assert "not** FID" in summary
     # a second call reuses the finished run instead of training again
-    again = run_demo(tmp_path / "demo", ["train.max_steps=3", "model.depth=1", "data.length=300", "data.val_size=16",
-                                         "optim.batch_size=8", "sample.num=4", "sample.steps=2", "train.progress=false",
-                                         "train.sample_every=3", "train.precision=fp32"],
-                     nfe=6, num_eval=24, progress=False)
+    again = run_demo(
+        tmp_path / "demo",
+        [
+            "train.max_steps=3",
+            "model.depth=1",
+            "data.length=300",
+            "data.val_size=16",
+            "optim.batch_size=8",
+            "sample.num=4",
+            "sample.steps=2",
+            "train.progress=false",
+            "train.sample_every=3",
+            "train.precision=fp32",
+        ],
+        nfe=6,
+        num_eval=24,
+        progress=False,
+    )
     assert "continued from an earlier run" in (again / "summary.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "kwargs,option",
+    [({"nfe": 0}, "--nfe"), ({"nfe": 2}, "--nfe"), ({"num_eval": 0}, "--num-eval"), ({"num_eval": 1}, "--num-eval")],
+)
+def test_demo_rejects_bad_options_before_training(tmp_path, monkeypatch, kwargs, option):
+    def no_training(*args, **kw):
+        pytest.fail("training started despite an invalid option")
+
+    monkeypatch.setattr(demo, "train", no_training)
+    with pytest.raises(ValueError, match=option):
+        run_demo(tmp_path / "demo", ["train.max_steps=3"], progress=False, **kwargs)
+    assert not (tmp_path / "demo").exists()  # nothing written either
+
+
+def test_cli_demo_nfe_zero_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(demo, "train", lambda *a, **k: pytest.fail("training started"))
+    assert main(["demo", "--out", str(tmp_path / "d"), "--nfe", "0"]) == 2
+    assert "argument --nfe: expected a positive integer, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

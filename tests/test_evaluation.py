@@ -22,6 +22,8 @@ from patchforcing.data import SyntheticShapes
 from patchforcing.evaluation import (
     EvaluationError,
     FeatureExtractor,
+    InceptionFeatures,
+    build_feature_extractor,
     evaluate,
     feature_statistics,
     frechet_distance,
@@ -30,6 +32,7 @@ from patchforcing.evaluation import (
     open_images,
     parse_metrics,
     precision_recall,
+    random_inception_weights,
     within_manifold,
 )
 
@@ -199,8 +202,10 @@ def test_adm_reference_stored_statistics_are_used(tmp_path):
 
     stored = evaluate(tmp_path / "samples.npz", tmp_path / "adm.npz", "fid,sfid", fx)
     recomputed = evaluate(tmp_path / "samples.npz", tmp_path / "adm.npz", "fid,sfid", fx, use_reference_stats=False)
-    assert stored["reference"]["statistics"] == {"pool": "stored in the reference file",
-                                                 "spatial": "stored in the reference file"}
+    assert stored["reference"]["statistics"] == {
+        "pool": "stored in the reference file",
+        "spatial": "stored in the reference file",
+    }
     assert stored["reference"]["images_used"] is False
     assert recomputed["reference"]["statistics"]["pool"] == "computed from the reference images"
     mu_f, sigma_f = feature_statistics(fx(smp)["pool"])
@@ -245,7 +250,10 @@ def test_evaluate_all_metrics_resizing_and_cache(tmp_path):
         (lambda p: np.savez(p, pictures=np.zeros((4, 8, 8, 3), np.uint8)), "no image array arr_0 or images"),
         (lambda p: np.savez(p, arr_0=np.zeros((1, 8, 8, 3), np.uint8)), "at least 2"),
         (lambda p: p.write_text("not a zip"), "cannot read"),
-        (lambda p: np.savez(p, arr_0=np.zeros((4, 8, 8, 3), np.uint8), mu=np.zeros(3), sigma=np.eye(2)), "square covariance"),
+        (
+            lambda p: np.savez(p, arr_0=np.zeros((4, 8, 8, 3), np.uint8), mu=np.zeros(3), sigma=np.eye(2)),
+            "square covariance",
+        ),
     ],
 )
 def test_bad_inputs_raise_clear_errors(tmp_path, make, message):
@@ -259,12 +267,19 @@ def test_unknown_names_raise():
     assert parse_metrics("FID, pr") == ("fid", "precision", "recall")
     with pytest.raises(EvaluationError, match="unknown metric 'kid'"):
         parse_metrics("fid,kid")
-    from patchforcing.evaluation import build_feature_extractor
-
     with pytest.raises(EvaluationError, match="unknown features 'clip'"):
         build_feature_extractor("clip")
     with pytest.raises(EvaluationError, match="does not exist"):
         build_feature_extractor("classifier:/no/such/file.pt")
+
+
+def test_classifier_features_from_a_directory_say_so(tmp_path):
+    with pytest.raises(EvaluationError) as err:
+        build_feature_extractor(f"classifier:{tmp_path}")
+    assert str(err.value) == (
+        f"classifier checkpoint {str(tmp_path)!r} is a directory, expected a classifier checkpoint file "
+        "(from `patchforcing train-classifier`)"
+    )
 
 
 def test_inception_without_torch_fidelity_names_the_install(monkeypatch):
@@ -274,8 +289,6 @@ def test_inception_without_torch_fidelity_names_the_install(monkeypatch):
         pytest.skip("torch-fidelity is installed here")
     except ImportError:
         pass
-    from patchforcing.evaluation import InceptionFeatures
-
     with pytest.raises(EvaluationError, match="pip install torch-fidelity"):
         InceptionFeatures()
 
@@ -287,15 +300,34 @@ def test_inception_without_torch_fidelity_names_the_install(monkeypatch):
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="2")
-    return subprocess.run([sys.executable, "-m", "patchforcing", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "patchforcing", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
 def classifier_ckpt(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("clf") / "clf.pt"
-    code = main(["train-classifier", "synthetic", "--resolution", "16", "--length", "240", "--epochs", "1",
-                 "--max-steps", "4", "--batch-size", "32", "--width", "16", "--out", str(out)])
+    code = main(
+        [
+            "train-classifier",
+            "synthetic",
+            "--resolution",
+            "16",
+            "--length",
+            "240",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "4",
+            "--batch-size",
+            "32",
+            "--width",
+            "16",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0 and out.is_file()
     return out
 
@@ -311,12 +343,30 @@ def test_classifier_checkpoint_is_weights_only(classifier_ckpt):
 def test_cli_eval_with_classifier_features(tmp_path, classifier_ckpt):
     np.savez(tmp_path / "samples.npz", arr_0=shapes_uint8(40, 16, seed=5), labels=np.arange(40) % 8)
     np.savez(tmp_path / "ref.npz", arr_0=shapes_uint8(48, 32, seed=6))  # resized to the classifier's 16 px
-    r = run_cli("eval", "samples.npz", "--ref", "ref.npz", "--features", f"classifier:{classifier_ckpt}",
-                "--batch-size", "16", "--is-split-size", "20", "--out", "res.json", cwd=tmp_path)
+    r = run_cli(
+        "eval",
+        "samples.npz",
+        "--ref",
+        "ref.npz",
+        "--features",
+        f"classifier:{classifier_ckpt}",
+        "--batch-size",
+        "16",
+        "--is-split-size",
+        "20",
+        "--out",
+        "res.json",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "res.json").read_text())
-    assert set(res["metrics"]) == {"FD_classifier", "sFD_classifier", "IS_classifier",
-                                   "precision_classifier", "recall_classifier"}
+    assert set(res["metrics"]) == {
+        "FD_classifier",
+        "sFD_classifier",
+        "IS_classifier",
+        "precision_classifier",
+        "recall_classifier",
+    }
     assert all(isinstance(v, float) and np.isfinite(v) for v in res["metrics"].values())
     assert "FID" not in r.stdout and "FD_classifier" in r.stdout
     assert res["details"]["IS_classifier_splits"] == 2
@@ -334,9 +384,23 @@ def test_cli_bad_inputs_exit_2_without_traceback(tmp_path, classifier_ckpt, caps
         (["eval", ok, "--ref", ref, "--features", feats, "--metrics", "fid,kid"], "unknown metric"),
         (["eval", ok, "--ref", ref, "--features", "resnet"], "unknown features"),
         (["eval", ok, "--ref", ref, "--features", f"classifier:{tmp_path / 'ok.npz'}"], "cannot read"),
+        (
+            ["eval", ok, "--ref", ref, "--features", f"classifier:{tmp_path}"],
+            "is a directory, expected a classifier checkpoint file (from `patchforcing train-classifier`)",
+        ),
         (["train-classifier", "--out", str(tmp_path / "c.pt")], "give DATA"),
-        (["train-classifier", "--data-kind", "npz", "--data-path", str(tmp_path / "nope.npz"),
-          "--out", str(tmp_path / "c.pt")], "does not exist"),
+        (
+            [
+                "train-classifier",
+                "--data-kind",
+                "npz",
+                "--data-path",
+                str(tmp_path / "nope.npz"),
+                "--out",
+                str(tmp_path / "c.pt"),
+            ],
+            "does not exist",
+        ),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
@@ -350,8 +414,6 @@ def test_cli_bad_inputs_exit_2_without_traceback(tmp_path, classifier_ckpt, caps
 def test_inception_features_shapes_with_random_weights(tmp_path):
     """Runs where torch-fidelity is installed (e.g. the venv of scripts/check-inception-stack.sh)."""
     pytest.importorskip("torch_fidelity")
-    from patchforcing.evaluation import InceptionFeatures, random_inception_weights
-
     fx = InceptionFeatures(random_inception_weights(tmp_path / "w.pth"))
     f = fx(shapes_uint8(3, 32))
     assert f["pool"].shape == (3, 2048) and f["logits"].shape == (3, 1008)

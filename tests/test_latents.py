@@ -49,9 +49,15 @@ def tiny_kl(seed: int = 0):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
-                         up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, norm_num_groups=4,
-                         latent_channels=4, sample_size=RES)
+    return AutoencoderKL(
+        block_out_channels=(8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=4,
+        sample_size=RES,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -115,11 +121,19 @@ def test_autoencoder_kl_shapes_and_scaling(vae_dir):
 
 
 def test_scaling_round_trip_scalar_and_per_channel():
-    z = torch.randn(3, 4, 5, 5) * torch.tensor([1.0, 2.0, 3.0, 4.0]).view(4, 1, 1) + torch.tensor([0.5, -1, 2, 0]).view(4, 1, 1)
+    z = torch.randn(3, 4, 5, 5) * torch.tensor([1.0, 2.0, 3.0, 4.0]).view(4, 1, 1) + torch.tensor([0.5, -1, 2, 0]).view(
+        4, 1, 1
+    )
     scalar = AutoencoderSpec(kind="kl", source="x/y", scale_factor=0.18215, shift_factor=0.1)
     torch.testing.assert_close(scalar.scale(z), (z - 0.1) * 0.18215)
-    chan = AutoencoderSpec(kind="kl", source="x/y", scale_factor=1.0, shift_factor=0.0,
-                           latents_mean=[0.5, -1, 2, 0], latents_std=[1, 2, 3, 4])
+    chan = AutoencoderSpec(
+        kind="kl",
+        source="x/y",
+        scale_factor=1.0,
+        shift_factor=0.0,
+        latents_mean=[0.5, -1, 2, 0],
+        latents_std=[1, 2, 3, 4],
+    )
     for spec in (scalar, chan, AutoencoderSpec()):
         torch.testing.assert_close(spec.unscale(spec.scale(z)), z, atol=1e-5, rtol=1e-5)
         assert AutoencoderSpec.from_dict(spec.to_dict()) == spec
@@ -142,8 +156,12 @@ def test_autoencoder_tiny(work, images_npz):
 
     torch.manual_seed(0)
     path = work / "taesd"
-    AutoencoderTiny(encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8),
-                    num_encoder_blocks=(1, 1, 1), num_decoder_blocks=(1, 1, 1)).save_pretrained(path)
+    AutoencoderTiny(
+        encoder_block_out_channels=(8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8),
+        num_encoder_blocks=(1, 1, 1),
+        num_decoder_blocks=(1, 1, 1),
+    ).save_pretrained(path)
     ae = load_autoencoder(str(path))  # kind detected from config.json
     assert ae.spec.kind == "tiny" and ae.spec.scale_factor == 1.0 and ae.downsample == 4
     mean, std = ae.encode_posterior(torch.zeros(1, 3, RES, RES))
@@ -161,11 +179,24 @@ def test_missing_vae_is_a_clear_error(monkeypatch, images_npz, tmp_path, capsys)
     with pytest.raises(AutoencoderError) as info:
         load_autoencoder("nonexistent-org/nonexistent-vae")
     msg = str(info.value)
-    assert "offline" in msg and "hf download nonexistent-org/nonexistent-vae --local-dir DIR" in msg and "--vae DIR" in msg
+    assert (
+        "offline" in msg and "hf download nonexistent-org/nonexistent-vae --local-dir DIR" in msg and "--vae DIR" in msg
+    )
     with pytest.raises(AutoencoderError, match="no such directory"):
         load_autoencoder("./no-vae-here")
-    rc = main(["encode", str(images_npz), "--vae", "nonexistent-org/nonexistent-vae", "--out", str(tmp_path / "o"),
-               "--resolution", str(RES), "--quiet"])
+    rc = main(
+        [
+            "encode",
+            str(images_npz),
+            "--vae",
+            "nonexistent-org/nonexistent-vae",
+            "--out",
+            str(tmp_path / "o"),
+            "--resolution",
+            str(RES),
+            "--quiet",
+        ]
+    )
     assert rc == 2 and "hf download" in capsys.readouterr().err
 
 
@@ -305,9 +336,31 @@ def _free_port() -> int:
 def test_distributed_encode_matches_one_process(work, images_npz, vae_dir, store):
     out = work / "store-dist"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           "-m", "patchforcing", "encode", str(images_npz), "--vae", str(vae_dir), "--out", str(out),
-           "--resolution", str(RES), "--flip", "--batch-size", "4", "--shard-size", "6", "--device", "cpu", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        "-m",
+        "patchforcing",
+        "encode",
+        str(images_npz),
+        "--vae",
+        str(vae_dir),
+        "--out",
+        str(out),
+        "--resolution",
+        str(RES),
+        "--flip",
+        "--batch-size",
+        "4",
+        "--shard-size",
+        "6",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "encoded" in proc.stdout and "index" in proc.stdout
@@ -327,8 +380,21 @@ def test_distributed_encode_matches_one_process(work, images_npz, vae_dir, store
 
 
 def _train(run: Path, *overrides: str) -> int:
-    return main(["train", "tiny-test", "model.name=PFT-T/2", "data.val_size=2", "train.device=cpu",
-                 "train.max_steps=2", "train.ckpt_every=2", "train.sample_every=2", *overrides, "--out", str(run)])
+    return main(
+        [
+            "train",
+            "tiny-test",
+            "model.name=PFT-T/2",
+            "data.val_size=2",
+            "train.device=cpu",
+            "train.max_steps=2",
+            "train.ckpt_every=2",
+            "train.sample_every=2",
+            *overrides,
+            "--out",
+            str(run),
+        ]
+    )
 
 
 def test_encode_train_sample_decode_end_to_end(work, store, vae_dir):
@@ -355,8 +421,17 @@ def test_encode_train_sample_decode_end_to_end(work, store, vae_dir):
 
 def test_online_encoding_trains(work, images_npz, vae_dir):
     run = work / "run-online"
-    assert _train(run, "data.kind=npz", f"data.path={images_npz}", f"data.resolution={RES}",
-                  "autoencoder.online=true", f"autoencoder.source={vae_dir}") == 0
+    assert (
+        _train(
+            run,
+            "data.kind=npz",
+            f"data.path={images_npz}",
+            f"data.resolution={RES}",
+            "autoencoder.online=true",
+            f"autoencoder.source={vae_dir}",
+        )
+        == 0
+    )
     state = safe_torch_load(run / "checkpoints" / "last.pt")
     assert (state["model_config"]["in_channels"], state["model_config"]["input_size"]) == (4, LATENT)
     assert state["autoencoder"]["kind"] == "kl" and state["autoencoder"]["scale_factor"] == SD_VAE_SCALE
@@ -366,8 +441,9 @@ def test_online_encoding_trains(work, images_npz, vae_dir):
 def test_released_checkpoint_plus_vae_gives_images(work, vae_dir):
     """The documented path (docs/latents.md): the authors' .ckpt + a local SD-VAE folder -> a grid."""
     ckpt = work / "pft-b2_ema.ckpt"
-    model = pf.create_model("PFT-T/2", input_size=LATENT, in_channels=4, num_classes=10, depth=1, hidden_size=32,
-                            num_heads=2)
+    model = pf.create_model(
+        "PFT-T/2", input_size=LATENT, in_channels=4, num_classes=10, depth=1, hidden_size=32, num_heads=2
+    )
     save_released_format(model, ckpt)
     model = pf.load_model(ckpt)
     vae = load_autoencoder_for(ckpt, vae=str(vae_dir), model=model)

@@ -11,7 +11,6 @@ import patchforcing as pf
 from patchforcing.flow import gaussian_nll, interpolate, patch_to_pixel, pixel_to_patch, segment_losses
 
 
-
 def test_patch_to_pixel_row_major():
     t = torch.arange(6, dtype=torch.float32).view(1, 6)  # 2 x 3 patch grid
     px = patch_to_pixel(t, 2, 4, 6)[0, 0]
@@ -64,15 +63,18 @@ def test_nll_stop_gradient_and_clamp():
 def test_loss_draws_with_generator_and_sampler(tiny_pft):
     x1 = torch.randn(2, 3, 8, 8)
     a = pf.patch_flow_loss(tiny_pft, x1, None, timestep_sampler="ltg", generator=torch.Generator().manual_seed(3))
-    b = pf.patch_flow_loss(tiny_pft, x1, None, timestep_sampler=pf.make_timestep_sampler("ltg"),
-                           generator=torch.Generator().manual_seed(3))
+    b = pf.patch_flow_loss(
+        tiny_pft, x1, None, timestep_sampler=pf.make_timestep_sampler("ltg"), generator=torch.Generator().manual_seed(3)
+    )
     torch.testing.assert_close(a["loss"], b["loss"])
     assert torch.all(a["t"] <= 1) and torch.all(a["t"] >= 0)
 
 
 def test_loss_gradients_reach_both_heads(tiny_pft):
     m = tiny_pft.train()
-    terms = pf.patch_flow_loss(m, torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), generator=torch.Generator().manual_seed(0))
+    terms = pf.patch_flow_loss(
+        m, torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), generator=torch.Generator().manual_seed(0)
+    )
     terms["loss"].backward()
     w = m.final_layer.linear.weight.grad  # rows: (pr, pc, channel) with channel fastest; channel 3 = logvar
     assert torch.count_nonzero(w.view(4, 4, -1)[:, 3]) > 0 and torch.count_nonzero(w.view(4, 4, -1)[:, :3]) > 0
@@ -86,5 +88,42 @@ def test_sit_loss_has_no_nll(tiny_sit):
 
 
 def test_segment_losses_shape(tiny_pft):
-    out = segment_losses(tiny_pft, torch.randn(4, 3, 8, 8), None, num_segments=8, generator=torch.Generator().manual_seed(0))
+    out = segment_losses(
+        tiny_pft, torch.randn(4, 3, 8, 8), None, num_segments=8, generator=torch.Generator().manual_seed(0)
+    )
     assert out.shape == (8,) and torch.all(out > 0)
+
+
+class _LinearVelocity(torch.nn.Module):
+    """``v = 0.3 + 0.7 * x_t`` (no log-variance): the segment losses have a closed form in t."""
+
+    patch_size = 2
+    num_patches = 16
+    per_patch_time = True
+
+    def __init__(self):
+        super().__init__()
+        self.times: list[torch.Tensor] = []
+
+    def forward(self, x, t, y):
+        self.times.append(t.clone())
+        return 0.3 + 0.7 * x, None
+
+
+@pytest.mark.parametrize("num_segments", [8, 3])
+def test_segment_losses_match_manual_midpoints(num_segments):
+    """Segment j evaluates every image at t = (j + 0.5) / S with one shared noise draw; catches
+    shifted midpoints (j / S, (j + 1) / S), fresh noise per segment, or a wrong target."""
+    m = _LinearVelocity()
+    x1 = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 3])
+    out = segment_losses(m, x1, y, num_segments=num_segments, generator=torch.Generator().manual_seed(7))
+    x0 = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    expected = []
+    for j in range(num_segments):
+        t = (j + 0.5) / num_segments
+        assert torch.equal(m.times[j], torch.full((4,), t))
+        xt = t * x1 + (1 - t) * x0
+        expected.append(((0.3 + 0.7 * xt - (x1 - x0)) ** 2).mean())
+    torch.testing.assert_close(out, torch.stack(expected), rtol=1e-5, atol=1e-6)
+    assert len(m.times) == num_segments

@@ -11,9 +11,8 @@ import torch.nn.functional as F
 import patchforcing as pf
 from patchforcing.models.transformer import sincos_pos_embed_2d, timestep_features
 
-
 # --------------------------------------------------------------------------------------------
-# released layout (checkpoint-format.md)
+# released layout (docs/checkpoint-format.md)
 # --------------------------------------------------------------------------------------------
 
 
@@ -33,18 +32,20 @@ def _expected_keys(depth: int, D: int, C: int = 4, p: int = 2, classes: int = 10
         "final_layer.linear.bias": (p * p * (C + 1),),
     }
     for i in range(depth):
-        keys.update({
-            f"blocks.{i}.attn.qkv.weight": (3 * D, D),
-            f"blocks.{i}.attn.qkv.bias": (3 * D,),
-            f"blocks.{i}.attn.proj.weight": (D, D),
-            f"blocks.{i}.attn.proj.bias": (D,),
-            f"blocks.{i}.mlp.fc1.weight": (4 * D, D),
-            f"blocks.{i}.mlp.fc1.bias": (4 * D,),
-            f"blocks.{i}.mlp.fc2.weight": (D, 4 * D),
-            f"blocks.{i}.mlp.fc2.bias": (D,),
-            f"blocks.{i}.adaLN_modulation.1.weight": (6 * D, D),
-            f"blocks.{i}.adaLN_modulation.1.bias": (6 * D,),
-        })
+        keys.update(
+            {
+                f"blocks.{i}.attn.qkv.weight": (3 * D, D),
+                f"blocks.{i}.attn.qkv.bias": (3 * D,),
+                f"blocks.{i}.attn.proj.weight": (D, D),
+                f"blocks.{i}.attn.proj.bias": (D,),
+                f"blocks.{i}.mlp.fc1.weight": (4 * D, D),
+                f"blocks.{i}.mlp.fc1.bias": (4 * D,),
+                f"blocks.{i}.mlp.fc2.weight": (D, 4 * D),
+                f"blocks.{i}.mlp.fc2.bias": (D,),
+                f"blocks.{i}.adaLN_modulation.1.weight": (6 * D, D),
+                f"blocks.{i}.adaLN_modulation.1.bias": (6 * D,),
+            }
+        )
     return keys
 
 
@@ -136,7 +137,7 @@ def test_output_channel_layout():
 
 
 # --------------------------------------------------------------------------------------------
-# an independent per-token reference forward written from checkpoint-format.md
+# an independent per-token reference forward written from docs/checkpoint-format.md
 # --------------------------------------------------------------------------------------------
 
 
@@ -156,10 +157,16 @@ def reference_forward(m, x, t, y):
     freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float64) / half)
     args = t.double()[..., None] * freqs
     tf = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, N, 256)
-    te = F.linear(F.silu(F.linear(tf, sd["t_embedder.mlp.0.weight"], sd["t_embedder.mlp.0.bias"])),
-                  sd["t_embedder.mlp.2.weight"], sd["t_embedder.mlp.2.bias"])
+    te = F.linear(
+        F.silu(F.linear(tf, sd["t_embedder.mlp.0.weight"], sd["t_embedder.mlp.0.bias"])),
+        sd["t_embedder.mlp.2.weight"],
+        sd["t_embedder.mlp.2.bias"],
+    )
     c = te + sd["y_embedder.embedding_table.weight"][y][:, None, :]  # (B, N, D)
-    ln = lambda z: F.layer_norm(z, (D,), eps=1e-6)
+
+    def ln(z):
+        return F.layer_norm(z, (D,), eps=1e-6)
+
     for i in range(len(m.blocks)):
         pre = f"blocks.{i}."
         mod = F.linear(F.silu(c), sd[pre + "adaLN_modulation.1.weight"], sd[pre + "adaLN_modulation.1.bias"])
@@ -171,10 +178,15 @@ def reference_forward(m, x, t, y):
         att = F.linear(att.transpose(1, 2).reshape(B, N, D), sd[pre + "attn.proj.weight"], sd[pre + "attn.proj.bias"])
         h = h + g1 * att
         z = ln(h) * (1 + sc2) + sh2
-        mlp = F.linear(F.gelu(F.linear(z, sd[pre + "mlp.fc1.weight"], sd[pre + "mlp.fc1.bias"]), approximate="tanh"),
-                       sd[pre + "mlp.fc2.weight"], sd[pre + "mlp.fc2.bias"])
+        mlp = F.linear(
+            F.gelu(F.linear(z, sd[pre + "mlp.fc1.weight"], sd[pre + "mlp.fc1.bias"]), approximate="tanh"),
+            sd[pre + "mlp.fc2.weight"],
+            sd[pre + "mlp.fc2.bias"],
+        )
         h = h + g2 * mlp
-    sh, sc = F.linear(F.silu(c), sd["final_layer.adaLN_modulation.1.weight"], sd["final_layer.adaLN_modulation.1.bias"]).chunk(2, -1)
+    sh, sc = F.linear(
+        F.silu(c), sd["final_layer.adaLN_modulation.1.weight"], sd["final_layer.adaLN_modulation.1.bias"]
+    ).chunk(2, -1)
     out = F.linear(ln(h) * (1 + sc) + sh, sd["final_layer.linear.weight"], sd["final_layer.linear.bias"])
     K = C + 1
     out = out.view(B, H // p, W // p, p, p, K).permute(0, 5, 1, 3, 2, 4).reshape(B, K, H, W)

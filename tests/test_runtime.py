@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from patchforcing.runtime import tune_cpu_allocator
+from patchforcing.utils.runtime import tune_cpu_allocator
 
 
 def test_allocator_tuning_is_opt_out_by_env(monkeypatch):

@@ -1,4 +1,4 @@
-"""Tests for the per-patch timestep samplers (method.md, section 3)."""
+"""Tests for the per-patch timestep samplers (docs/method.md, section 3)."""
 
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ def test_ltg_std_inert_at_defaults():
     assert not torch.equal(a, c)
 
 
-@pytest.mark.parametrize("alpha", [1.0, 3.0 ** 1.05, 40.0])
+@pytest.mark.parametrize("alpha", [1.0, 3.0**1.05, 40.0])
 def test_gamma_sampler_moments(alpha):
     a = torch.full((100_000,), alpha, dtype=torch.float64)
     x = _sample_gamma(a, gen(0))

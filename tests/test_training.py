@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,9 +14,12 @@ import pytest
 import torch
 
 import patchforcing as pf
-from patchforcing.checkpoints import safe_torch_load
+import patchforcing.training.trainer as trainer_mod
+from patchforcing.checkpoints import safe_torch_load, save_released_format
 from patchforcing.training import NonFiniteLossError, Trainer, TrainingError, load_config, train
 from patchforcing.training.data_order import StepBatchSampler
+from patchforcing.training.distributed import init_distributed
+from patchforcing.utils import DeviceError, RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
 EMOJI = Path(os.environ.get("PATCHFORCING_EMOJI_NPZ", ROOT.parent / "shared/datasets/emoji-google-64.npz"))
@@ -73,7 +77,7 @@ def test_resume_is_exact(tmp_path):
     train(_cfg("train.max_steps=5", "train.ckpt_every=2"), tmp_path / "split", resume=True)
     _assert_same_training_state(_state(tmp_path / "full"), _state(tmp_path / "split"))
     # the metrics file continues without duplicated rows
-    steps = [int(l.split(",")[0]) for l in (tmp_path / "split" / "metrics.csv").read_text().splitlines()[1:]]
+    steps = [int(line.split(",")[0]) for line in (tmp_path / "split" / "metrics.csv").read_text().splitlines()[1:]]
     assert steps == [1, 2, 3, 4, 5]
 
 
@@ -112,7 +116,9 @@ def test_resume_with_incompatible_config_is_refused(tmp_path):
     train(_cfg("train.max_steps=2"), tmp_path / "run")
     with pytest.raises(TrainingError, match=r"optim.lr: run has 0.001, now 0.002"):
         train(_cfg("train.max_steps=4", "optim.lr=2e-3"), tmp_path / "run", resume=True)
-    with pytest.raises(TrainingError, match="already holds a run"):
+    with pytest.raises(
+        TrainingError, match=r"already holds a run \(config.yaml, metrics.csv, checkpoints\); pass --resume"
+    ):
         train(_cfg("train.max_steps=4"), tmp_path / "run")
     with pytest.raises(TrainingError, match="no checkpoint"):
         train(_cfg(), tmp_path / "nothing-here", resume=True)
@@ -139,8 +145,9 @@ def test_data_order_partitions_global_batches():
 
 
 def _cli(*args, cwd=ROOT, timeout=240):
-    return subprocess.run([sys.executable, "-m", "patchforcing", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "patchforcing", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_cli_bad_config_is_a_clear_error(tmp_path):
@@ -152,32 +159,241 @@ def test_cli_bad_config_is_a_clear_error(tmp_path):
     bad.mkdir(parents=True)
     for i in range(30):
         (bad / f"{i}.png").write_bytes(os.urandom(100))
-    r = _cli("train", "tiny-test", "data.kind=folder", f"data.path={tmp_path / 'imgs'}", "data.val_size=0",
-             "--out", str(tmp_path / "y"))
+    r = _cli(
+        "train",
+        "tiny-test",
+        "data.kind=folder",
+        f"data.path={tmp_path / 'imgs'}",
+        "data.val_size=0",
+        "--out",
+        str(tmp_path / "y"),
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr and "imgs" in r.stderr, r.stderr
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
+def _popen_train(out: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "patchforcing", "train", "tiny-test", "train.device=cpu", *args, "--out", str(out)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_rows(metrics: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < n + 1):
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.1)
+
+
+def test_second_writer_is_refused_and_sigterm_checkpoints(tmp_path):
+    """A second ``train`` on a run directory in use fails at once (exit 2, clear message) and the
+    first one carries on; SIGTERM then writes a checkpoint and exits 0."""
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "patchforcing", "train", "tiny-test", "train.max_steps=100000",
-                             "train.ckpt_every=100000", "train.sample_every=100000", "--out", str(out)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    metrics = out / "metrics.csv"
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 4):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
+    proc = _popen_train(out, "train.max_steps=100000", "train.ckpt_every=100000", "train.sample_every=100000")
+    try:
+        _wait_for_rows(out / "metrics.csv", 3, proc)
+        r = _cli("train", "tiny-test", "train.device=cpu", "--max-steps", "5", "--out", str(out))
+        assert r.returncode == 2, r.stderr
+        assert "in use by another process" in r.stderr and f"pid {proc.pid}" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+        assert proc.poll() is None  # the first run was not disturbed
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 0, stderr
     assert "interrupted at step" in stdout
     state = _state(out)
     assert 3 <= state["step"] < 100000
+    rows = (out / "metrics.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, len(rows) + 1)) and len(rows) >= state["step"]
+
+
+def test_locked_run_directory_is_refused_in_process(tmp_path):
+    out = tmp_path / "run"
+    with RunLock(out):
+        with pytest.raises(TrainingError, match="in use by another process"):
+            Trainer(_cfg(), out)
+    trainer = Trainer(_cfg(), out)  # free again once the holder let go
+    with pytest.raises(TrainingError, match="in use"):
+        Trainer(_cfg(), out, resume=True)
+    trainer.close()
+    Trainer(_cfg(), out).close()
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory):
+    """A finished 2-step run, to be copied by tests that damage it."""
+    run = tmp_path_factory.mktemp("base") / "run"
+    train(_cfg("train.max_steps=2", "train.ckpt_every=2", "train.sample_every=2"), run)
+    return run
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock"))
+    return dst
+
+
+def test_resumed_metrics_survive_an_immediate_kill(tmp_path, two_step_run):
+    """The kept rows are on disk the moment the log is reopened (no truncate-then-buffer)."""
+    run = _copy_run(two_step_run, tmp_path / "run")
+    trainer = Trainer(_cfg("train.max_steps=4", "train.ckpt_every=2", "train.sample_every=2"), run, resume=True)
+    f, _, tb = trainer._open_logs()
+    try:
+        on_disk = (run / "metrics.csv").read_text().splitlines()
+        assert on_disk[0].startswith("step,loss") and [int(r.split(",")[0]) for r in on_disk[1:]] == [1, 2]
+    finally:
+        f.close()
+        if tb is not None:
+            tb.close()
+        trainer.close()
+
+
+def test_metrics_survive_sigkill_after_resume(tmp_path, two_step_run):
+    run = _copy_run(two_step_run, tmp_path / "run")
+    metrics = run / "metrics.csv"
+    before = metrics.read_text()
+    st = metrics.stat()
+    proc = _popen_train(run, "train.max_steps=100000", "train.ckpt_every=2", "train.sample_every=2", "--resume")
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:  # kill as soon as the log is touched
+            now = metrics.stat() if metrics.exists() else None
+            if now is None or (now.st_ino, now.st_size, now.st_mtime_ns) != (st.st_ino, st.st_size, st.st_mtime_ns):
+                break
+            time.sleep(0.002)
+        proc.kill()
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = metrics.read_text()
+    assert text.startswith(before), text  # the rows of steps 1-2 are all there
+
+
+@pytest.mark.parametrize("leftover", ["config.yaml", "metrics.csv", "checkpoints"])
+def test_existing_run_directory_is_not_overwritten(tmp_path, monkeypatch, leftover):
+    out = tmp_path / "run"
+    out.mkdir()
+    target = out / leftover
+    if leftover == "checkpoints":
+        target.mkdir()
+    else:
+        target.write_text("keep me\n")
+    monkeypatch.setattr(trainer_mod, "build_data", _no_data)
+    with pytest.raises(TrainingError, match=rf"already holds a run \({leftover}\); it has no checkpoint to --resume"):
+        Trainer(_cfg(), out)
+    if leftover != "checkpoints":
+        assert target.read_text() == "keep me\n"
+    assert sorted(p.name for p in out.iterdir()) == sorted([leftover, ".lock"])
+
+
+def _no_data(cfg):
+    raise AssertionError("the data set was built before the run directory was checked")
+
+
+def test_temp_files_of_a_killed_write_are_removed(tmp_path, two_step_run):
+    run = _copy_run(two_step_run, tmp_path / "run")
+    junk = [
+        run / "checkpoints" / ".step_0000004.pt.abc123.tmp",
+        run / "checkpoints" / ".last.pt.x.tmp",
+        run / ".metrics.csv.q1.tmp",
+    ]
+    for p in junk:
+        p.write_bytes(b"partial")
+    keep = run / "checkpoints" / "notes.tmp"  # not one of atomic_write's names
+    keep.write_text("mine")
+    Trainer(_cfg("train.max_steps=4"), run, resume=True).close()
+    assert not any(p.exists() for p in junk) and keep.exists()
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == ["last.pt", "step_0000002.pt"]
+
+
+def test_resume_from_a_damaged_or_foreign_checkpoint_is_one_clear_error(tmp_path, two_step_run):
+    run = _copy_run(two_step_run, tmp_path / "run")
+    last = run / "checkpoints" / "last.pt"
+    good = safe_torch_load(last)
+    cfg = _cfg("train.max_steps=4")
+
+    def resume_with(state, match):
+        last.unlink()  # last.pt may be a hard link to step_*.pt: never write through it
+        torch.save(state, last)
+        with pytest.raises(TrainingError, match=match) as info:
+            Trainer(cfg, run, resume=True)
+        assert str(last) in str(info.value)
+        return str(info.value)
+
+    bad = {**good, "model": dict(good["model"])}
+    key = "blocks.0.mlp.fc1.weight"
+    bad["model"][key] = torch.zeros(3, 5)
+    msg = resume_with(bad, r"mis-shaped keys")
+    assert key in msg and "(3, 5)" in msg
+    bad = {**good, "ema": {k: v for k, v in good["ema"].items() if k != key}}
+    assert key in resume_with(bad, r"(?s)\[ema\].*missing keys")
+    resume_with({k: v for k, v in good.items() if k != "optimizer"}, r"(?s)incomplete training checkpoint.*optimizer")
+    # a released .ckpt copied to last.pt
+    model = pf.create_model(
+        "PFT-T/4", input_size=16, in_channels=3, num_classes=4, depth=2, hidden_size=64, num_heads=4
+    )
+    released = save_released_format(model, tmp_path / "released.ckpt")
+    msg = resume_with(safe_torch_load(released), r"not a patchforcing training checkpoint \(format None")
+    assert "unknown key" not in msg
+    # and through the CLI: exit 2, one line of explanation, no traceback
+    r = _cli("train", "tiny-test", "train.device=cpu", "--max-steps", "4", "--out", str(run), "--resume")
+    assert r.returncode == 2 and "not a patchforcing training checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unwritable_run_directory_is_refused_before_building(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_mod, "build_data", _no_data)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(TrainingError, match="exists and is not a directory"):
+        Trainer(_cfg(), a_file)
+    with pytest.raises(TrainingError, match="cannot write to run directory"):
+        Trainer(_cfg(), a_file / "run")
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        try:
+            with pytest.raises(TrainingError, match="not writable"):
+                Trainer(_cfg(), ro / "run")
+        finally:
+            ro.chmod(0o700)
+
+
+def test_bad_device_is_a_clear_error(tmp_path):
+    with pytest.raises(DeviceError, match="unknown device 'bogus'"):
+        init_distributed("bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="CUDA is not available"):
+            Trainer(_cfg("train.device=cuda"), tmp_path / "gpu")
+        assert not (tmp_path / "gpu").exists()
+    r = _cli("train", "tiny-test", "train.device=bogus", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "unknown device 'bogus'" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_torchrun_two_processes(tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-           "-m", "patchforcing", "train", "tiny-test", "train.device=cpu", "train.max_steps=4", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29533",
+        "-m",
+        "patchforcing",
+        "train",
+        "tiny-test",
+        "train.device=cpu",
+        "train.max_steps=4",
+        "--out",
+        str(out),
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     state = _state(out)
@@ -190,9 +406,20 @@ def test_torchrun_two_processes(tmp_path):
 @pytest.mark.skipif(not EMOJI.exists(), reason="emoji data set not present")
 @pytest.mark.parametrize("preset", ["emoji32-pft", "emoji32-sit"])
 def test_emoji_presets_train(tmp_path, preset):
-    cfg = load_config(preset, [f"data.path={EMOJI}", "train.max_steps=2", "optim.batch_size=8", "sample.num=4",
-                               "sample.steps=2", "train.sample_every=2", "train.progress=false", "data.val_size=16",
-                               "model.depth=1"])
+    cfg = load_config(
+        preset,
+        [
+            f"data.path={EMOJI}",
+            "train.max_steps=2",
+            "optim.batch_size=8",
+            "sample.num=4",
+            "sample.steps=2",
+            "train.sample_every=2",
+            "train.progress=false",
+            "data.val_size=16",
+            "model.depth=1",
+        ],
+    )
     res = train(cfg, tmp_path / "run")
     assert res.step == 2
     model = pf.load_model(tmp_path / "run")

@@ -33,12 +33,17 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .checkpoints import TRAIN_FORMAT, CheckpointError, read_safetensors_metadata, safe_torch_load
+from .utils.hub import HubError, probe_hub_file
+from .utils.io import is_offline, looks_local
 
 __all__ = [
     "AUTOENCODER_KINDS",
@@ -111,8 +116,10 @@ class AutoencoderSpec:
             raise AutoencoderError("latents_mean and latents_std must be given together")
         if self.latents_mean is not None:
             if len(self.latents_mean) != len(self.latents_std) or not self.latents_mean:
-                raise AutoencoderError(f"latents_mean ({len(self.latents_mean)}) and latents_std "
-                                       f"({len(self.latents_std)}) must have one value per channel")
+                raise AutoencoderError(
+                    f"latents_mean ({len(self.latents_mean)}) and latents_std "
+                    f"({len(self.latents_std)}) must have one value per channel"
+                )
             if not all(s > 0 and math.isfinite(s) for s in self.latents_std):
                 raise AutoencoderError(f"latents_std must be positive, got {list(self.latents_std)}")
         if self.scale_factor is not None and not (self.scale_factor > 0 and math.isfinite(self.scale_factor)):
@@ -121,12 +128,12 @@ class AutoencoderSpec:
     # ---- construction -------------------------------------------------------------------------
 
     @classmethod
-    def sd_vae(cls, source: str = SD_VAE_EMA) -> "AutoencoderSpec":
+    def sd_vae(cls, source: str = SD_VAE_EMA) -> AutoencoderSpec:
         """The SD VAE (ft-EMA by default) with its scalar scaling 0.18215."""
         return cls(kind="kl", source=source, scale_factor=SD_VAE_SCALE, shift_factor=0.0)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "AutoencoderSpec":
+    def from_dict(cls, d: Mapping[str, Any] | None) -> AutoencoderSpec:
         """Inverse of :meth:`to_dict`; ``None`` or ``{}`` is the identity."""
         if not d:
             return cls()
@@ -147,7 +154,7 @@ class AutoencoderSpec:
             "latents_std": list(self.latents_std) if self.latents_std is not None else None,
         }
 
-    def with_overrides(self, **changes: Any) -> "AutoencoderSpec":
+    def with_overrides(self, **changes: Any) -> AutoencoderSpec:
         """A copy with the given fields replaced; ``None`` values leave a field unchanged, and
         setting per-channel statistics or a scalar shift clears the other form."""
         changes = {k: v for k, v in changes.items() if v is not None}
@@ -177,7 +184,9 @@ class AutoencoderSpec:
         if self.per_channel:
             c = z.shape[-3]
             if c != len(self.latents_mean):
-                raise AutoencoderError(f"latents have {c} channels but the per-channel scaling has {len(self.latents_mean)}")
+                raise AutoencoderError(
+                    f"latents have {c} channels but the per-channel scaling has {len(self.latents_mean)}"
+                )
             shape = (c, 1, 1)
             mean = torch.tensor(self.latents_mean, dtype=z.dtype, device=z.device).view(shape)
             std = torch.tensor(self.latents_std, dtype=z.dtype, device=z.device).view(shape)
@@ -243,8 +252,9 @@ class Autoencoder(nn.Module):
     def latent_size(self, image_size: int) -> int:
         """Latent side for an image side (``256 -> 32`` for the SD VAE)."""
         if image_size % self.downsample:
-            raise AutoencoderError(f"image size {image_size} is not a multiple of the autoencoder's "
-                                   f"downsampling factor {self.downsample}")
+            raise AutoencoderError(
+                f"image size {image_size} is not a multiple of the autoencoder's downsampling factor {self.downsample}"
+            )
         return image_size // self.downsample
 
     @torch.no_grad()
@@ -337,11 +347,6 @@ class DiffusersAutoencoder(Autoencoder):
 # --------------------------------------------------------------------------------------------
 
 
-def _offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE"))
-
-
 def _local_model_dir(source: str) -> tuple[Path, str | None] | None:
     """``(directory, subfolder)`` when ``source`` is a local diffusers model folder (the VAE's own
     folder, or a pipeline folder with a ``vae/`` sub-folder); ``None`` when it is not local."""
@@ -352,24 +357,30 @@ def _local_model_dir(source: str) -> tuple[Path, str | None] | None:
         return path, None
     if (path / "vae" / "config.json").is_file():
         return path, "vae"
-    raise AutoencoderError(f"{str(path)!r} is a directory without a diffusers config.json (nor vae/config.json); "
-                           "expected the folder written by `hf download <vae repo> --local-dir DIR` or save_pretrained")
+    raise AutoencoderError(
+        f"{str(path)!r} is a directory without a diffusers config.json (nor vae/config.json); "
+        "expected the folder written by `hf download <vae repo> --local-dir DIR` or save_pretrained"
+    )
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def _looks_local(source: str) -> bool:
-    """Whether ``source`` is meant as a local path (anything but ``owner/name``)."""
-    return _HUB_ID.match(source) is None or source.endswith((".", "/"))
+    """Whether ``source`` is meant as a local path, never a hub id: anything but ``owner/name``,
+    and whatever :func:`~patchforcing.utils.io.looks_local` calls local (a file extension, a
+    leading ``.``, ``/`` or ``~``)."""
+    return _HUB_ID.match(source) is None or source.endswith((".", "/")) or looks_local(source)
 
 
 def _missing_message(source: str, why: str) -> str:
     repo = source if not _looks_local(source) else SD_VAE_EMA
-    return (f"cannot load the VAE {source!r}: {why}. Download it once with\n"
-            f"    hf download {repo} --local-dir DIR    (older huggingface_hub: huggingface-cli download "
-            f"{repo} --local-dir DIR)\n"
-            f"and pass --vae DIR (patchforcing encode) or autoencoder.source=DIR (patchforcing train)")
+    return (
+        f"cannot load the VAE {source!r}: {why}. Download it once with\n"
+        f"    hf download {repo} --local-dir DIR    (older huggingface_hub: huggingface-cli download "
+        f"{repo} --local-dir DIR)\n"
+        f"and pass --vae DIR (patchforcing encode) or autoencoder.source=DIR (patchforcing train)"
+    )
 
 
 def detect_kind(source: str) -> str:
@@ -395,7 +406,9 @@ def _import_diffusers():
     try:
         import diffusers
     except ImportError:
-        raise AutoencoderError("the VAE needs diffusers: pip install 'patchforcing[vae]' (or pip install diffusers)") from None
+        raise AutoencoderError(
+            "the VAE needs diffusers: pip install 'patchforcing[vae]' (or pip install diffusers)"
+        ) from None
     return diffusers
 
 
@@ -437,28 +450,39 @@ def load_autoencoder(
     if spec.kind == "identity":
         return IdentityAutoencoder(channels, spec)
 
-    diffusers = _import_diffusers()
-    cls = getattr(diffusers, _DIFFUSERS_CLASS[spec.kind])
     source = str(spec.source)
     local = _local_model_dir(source)
+    if local is None and _looks_local(source):
+        raise AutoencoderError(_missing_message(source, "no such directory"))
+    diffusers = _import_diffusers()
+    cls = getattr(diffusers, _DIFFUSERS_CLASS[spec.kind])
     kwargs: dict[str, Any] = {"low_cpu_mem_usage": False, "torch_dtype": dtype}
+    unreachable: str | None = None
     if local is not None:
         target, sub = str(local[0]), local[1]
         kwargs["local_files_only"] = True
     else:
-        if _looks_local(source):
-            raise AutoencoderError(_missing_message(source, "no such directory"))
         target, sub = source, None
-        kwargs["local_files_only"] = _offline()
+        kwargs["local_files_only"] = is_offline()
+        if not kwargs["local_files_only"]:
+            try:  # one quick request instead of diffusers' retries on a machine without network
+                probe_hub_file(source, "config.json")
+            except HubError as err:  # the cache may still have it: load from there, or say why not
+                kwargs["local_files_only"] = True
+                unreachable = f"not a local directory; tried hub repo {source!r}: {err}"
     if sub:
         kwargs["subfolder"] = sub
     try:
         with warnings.catch_warnings():  # diffusers passes deprecated hub arguments: not the user's concern
             warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
             vae = cls.from_pretrained(target, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as err:
-        why = "offline and not in the Hugging Face cache" if kwargs["local_files_only"] and local is None \
-            else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    except (OSError, ValueError) as err:
+        if unreachable is not None:
+            why = unreachable
+        elif kwargs["local_files_only"] and local is None:
+            why = "offline and not in the Hugging Face cache"
+        else:
+            why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         raise AutoencoderError(_missing_message(source, why)) from None
     except Exception as err:  # network errors of huggingface_hub/requests/httpx: report plainly
         raise AutoencoderError(_missing_message(source, f"{type(err).__name__}: {err}")) from None
@@ -476,8 +500,10 @@ def load_autoencoder(
         else:
             resolved = replace(resolved, shift_factor=float(getattr(cfg, "shift_factor", 0.0) or 0.0))
     if resolved.per_channel and len(resolved.latents_mean) != int(cfg.latent_channels):
-        raise AutoencoderError(f"per-channel scaling has {len(resolved.latents_mean)} values but {source!r} "
-                               f"has {cfg.latent_channels} latent channels")
+        raise AutoencoderError(
+            f"per-channel scaling has {len(resolved.latents_mean)} values but {source!r} "
+            f"has {cfg.latent_channels} latent channels"
+        )
     return DiffusersAutoencoder(vae.to(device=device), resolved)
 
 
@@ -495,8 +521,6 @@ def autoencoder_spec_from_checkpoint(source: str | os.PathLike) -> AutoencoderSp
     The authors' released ``.ckpt`` files do not say (``None``): they were trained on SD-VAE
     latents, see :func:`load_autoencoder_for`.
     """
-    from .checkpoints import TRAIN_FORMAT, CheckpointError, read_safetensors_metadata, safe_torch_load
-
     path = Path(source)
     if path.is_dir():
         for candidate in ("model.safetensors", "checkpoints/last.pt", "last.pt"):
@@ -506,11 +530,7 @@ def autoencoder_spec_from_checkpoint(source: str | os.PathLike) -> AutoencoderSp
         else:
             raise CheckpointError(f"{path} holds no model.safetensors or checkpoints/last.pt")
     if path.suffix == ".safetensors":  # ours (exported)
-        try:
-            d = read_safetensors_metadata(path).get("autoencoder")
-        except Exception as err:
-            raise CheckpointError(f"cannot read the metadata of {path}: {err}") from None
-        return AutoencoderSpec.from_dict(d)
+        return AutoencoderSpec.from_dict(read_safetensors_metadata(path).get("autoencoder"))
     obj = safe_torch_load(path)
     if isinstance(obj, Mapping) and obj.get("format") == TRAIN_FORMAT:  # ours (training)
         return AutoencoderSpec.from_dict(obj.get("autoencoder"))
@@ -540,7 +560,7 @@ def load_autoencoder_for(
     if spec is None:
         if in_channels is not None and in_channels != 4:
             spec = AutoencoderSpec()
-        else:  # the released PFT/SiT checkpoints: SD-VAE latents, scale 0.18215 (method.md section 6)
+        else:  # the released PFT/SiT checkpoints: SD-VAE latents, scale 0.18215 (docs/method.md section 6)
             spec = AutoencoderSpec.sd_vae(vae or SD_VAE_EMA)
     if vae is not None:
         if spec.kind == "identity":
@@ -548,13 +568,18 @@ def load_autoencoder_for(
         spec = replace(spec, source=vae)
     ae = load_autoencoder(spec, device=device, channels=in_channels or 3)
     if in_channels is not None and in_channels != ae.latent_channels:
-        raise AutoencoderError(f"the model has {in_channels} input channels but the autoencoder "
-                               f"{spec.source or 'identity'} has {ae.latent_channels}")
+        raise AutoencoderError(
+            f"the model has {in_channels} input channels but the autoencoder "
+            f"{spec.source or 'identity'} has {ae.latent_channels}"
+        )
     return ae
 
 
-def decode_to_images(latents: Tensor, autoencoder: Autoencoder | AutoencoderSpec | Mapping[str, Any] | str | os.PathLike,
-                     batch_size: int = 16) -> Tensor:
+def decode_to_images(
+    latents: Tensor,
+    autoencoder: Autoencoder | AutoencoderSpec | Mapping[str, Any] | str | os.PathLike,
+    batch_size: int = 16,
+) -> Tensor:
     """Samples (e.g. ``pf.sample(...).x``, scaled latents ``(B, c, h, w)``) -> images
     ``(B, 3, H, W)`` in ``[-1, 1]``.
 

@@ -18,29 +18,34 @@ Everything goes through ``torch.load(weights_only=True)`` or safetensors: no cod
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
-import tempfile
+import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .models.transformer import PatchForcingTransformer
+from .models.transformer import ModelConfig, PatchForcingTransformer
+from .utils.hub import HubError, hub_download
+from .utils.io import atomic_write, ensure_writable_dir, looks_local, torch_save_atomic
 
 __all__ = [
     "CheckpointError",
     "RELEASED_TARGETS",
-    "atomic_write",
-    "torch_save_atomic",
     "safe_torch_load",
     "load_state_dict_strict",
     "load_model",
     "save_model",
     "save_released_format",
     "model_from_released_config",
+    "read_safetensors_metadata",
     "export_run",
 ]
 
@@ -70,59 +75,73 @@ class CheckpointError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------
-# Atomic writes and safe reads
+# Safe reads
 # --------------------------------------------------------------------------------------------
 
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Write ``path`` atomically: ``write(tmp_path)``, fsync, rename over ``path``, fsync the dir.
 
-    A crash at any point leaves either the old file or the new one, never a partial file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+def _file_head(path: Path, n: int = 8) -> bytes:
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:  # pragma: no cover - platforms without directory fsync
-        pass
-    return path
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
 
 
-def torch_save_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` through :func:`atomic_write`."""
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+def _first_safe_line(err: BaseException) -> str:
+    """A one-line summary of ``err`` without torch's advice to load with ``weights_only=False``
+    (or to allow-list globals): that would run whatever code the file holds."""
+    for line in str(err).splitlines():
+        line = line.strip()
+        if (
+            line
+            and "weights_only" not in line
+            and "safe_globals" not in line
+            and "Weights only load failed" not in line
+        ):
+            return line
+    return type(err).__name__
 
 
 def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """``torch.load(weights_only=True)`` with errors that say what is wrong with the file."""
+    """``torch.load(weights_only=True)`` with errors that say what is wrong with the file.
+
+    Raises:
+        CheckpointError: naming ``path``, and saying whether it is missing, not a torch file at all
+            (random bytes, empty, truncated), or a torch file holding pickled Python objects
+            beyond tensors and plain containers (never unpickled).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file at {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        head = _file_head(path)
+        unsafe = _UNSAFE_GLOBAL.search(str(e))
+        if unsafe is not None:
+            raise CheckpointError(
+                f"{path} holds pickled Python objects beyond tensors and plain containers (it references "
+                f"{unsafe.group(1)}); refusing to unpickle code. Re-save it as a plain state_dict of tensors"
+            ) from None
+        if not head:
+            raise CheckpointError(
+                f"{path} is not a torch checkpoint (the file is empty; truncated or corrupt?)"
+            ) from None
+        if head.startswith(_ZIP_MAGIC):
+            raise CheckpointError(
+                f"cannot read {path} as a torch checkpoint (truncated or corrupt?): {_first_safe_line(e)}"
+            ) from None
+        if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+            raise CheckpointError(
+                f"cannot read {path} as a torch checkpoint (a pickle stream the safe loader cannot parse; "
+                f"truncated, corrupt or not written by torch.save?): {_first_safe_line(e)}"
+            ) from None
         raise CheckpointError(
-            f"{path} holds pickled Python objects beyond tensors and plain containers; refusing "
-            f"to unpickle code (weights_only=True). Re-save it as a plain state_dict. Details: "
-            f"{str(e).splitlines()[0]}"
+            f"{path} is not a torch checkpoint (not a zip/pickle file; truncated or corrupt?)"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path} as a torch checkpoint (truncated or corrupt?): {e}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,31 +192,92 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Tensor], s
 
 
 # --------------------------------------------------------------------------------------------
+# Model configs: checked field by field, so a bad file gets one line, not a traceback
+# --------------------------------------------------------------------------------------------
+
+
+def _type_problem(name: str, value: Any, default: Any, annotation: str) -> str | None:
+    """Why ``value`` does not fit the :class:`ModelConfig` field ``name`` (``None``: it fits)."""
+    if isinstance(default, bool):
+        ok, want = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        if "tuple" in annotation:
+            pair = isinstance(value, (list, tuple)) and len(value) == 2
+            ok = ok or (pair and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+            want = "an integer or a pair of integers"
+    elif isinstance(default, float):
+        ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:  # a field type this check does not know: left to the model's constructor
+        return None
+    return None if ok else f"{name} must be {want}, got {value!r} ({type(value).__name__})"
+
+
+def _check_model_config(cfg: Any, source: str, what: str = "model_config") -> dict[str, Any]:
+    """``cfg`` as a plain dict of known, well-typed :class:`ModelConfig` fields, else
+    :class:`CheckpointError` naming ``source`` and every problem."""
+    if not isinstance(cfg, Mapping):
+        raise CheckpointError(f"{source}: {what} must be a dict of model settings, got {type(cfg).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    problems = []
+    unknown = sorted(map(str, set(cfg) - set(fields)))
+    if unknown:
+        problems.append(f"unknown fields {unknown} (known: {sorted(fields)})")
+    for name, value in cfg.items():
+        if name in fields:
+            f = fields[name]
+            problem = _type_problem(name, value, f.default, str(f.type))
+            if problem:
+                problems.append(problem)
+    if problems:
+        raise CheckpointError(f"{source}: bad {what}: " + "; ".join(problems))
+    return dict(cfg)
+
+
+def _model_from_config(cfg: Any, source: str, what: str = "model_config") -> PatchForcingTransformer:
+    """Build the model a checkpoint's config describes, with a :class:`CheckpointError` (naming
+    ``source``) for a missing, mistyped or inconsistent config instead of a traceback."""
+    cfg = _check_model_config(cfg, source, what)
+    try:
+        return PatchForcingTransformer.from_config(cfg)
+    except (TypeError, ValueError, AssertionError, RuntimeError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{source}: {what} does not describe a valid model: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------
 # The authors' released format
 # --------------------------------------------------------------------------------------------
 
 
-def model_from_released_config(config: Mapping[str, Any]) -> PatchForcingTransformer:
-    """Map ``{"target": "...PatchForcingDiT", "params": {...}}`` to our model (nothing imported)."""
+def model_from_released_config(config: Mapping[str, Any], source: str | None = None) -> PatchForcingTransformer:
+    """Map ``{"target": "...PatchForcingDiT", "params": {...}}`` to our model (nothing imported).
+
+    ``source`` (the file) prefixes error messages.
+    """
+    where = f"{source}: " if source else ""
     if not isinstance(config, Mapping) or "target" not in config:
-        raise CheckpointError(f"released config must have 'target' and 'params', got keys {list(config)}")
+        got = sorted(map(str, config)) if isinstance(config, Mapping) else type(config).__name__
+        raise CheckpointError(f"{where}released config must have 'target' and 'params', got {got}")
     target = str(config["target"])
     cls_name = target.rsplit(".", 1)[-1]
     if cls_name not in RELEASED_TARGETS:
         raise CheckpointError(
-            f"unknown model target {target!r}; known: {sorted(RELEASED_TARGETS)} "
+            f"{where}unknown model target {target!r}; known: {sorted(RELEASED_TARGETS)} "
             "(the target is only matched by name, never imported)"
         )
-    params = dict(config.get("params") or {})
-    unknown = sorted(set(params) - _RELEASED_PARAMS - _IGNORED_PARAMS)
+    raw = config.get("params") or {}
+    if not isinstance(raw, Mapping):
+        raise CheckpointError(f"{where}released config 'params' must be a dict, got {type(raw).__name__}")
+    params = dict(raw)
+    unknown = sorted(map(str, set(params) - _RELEASED_PARAMS - _IGNORED_PARAMS))
     if unknown:
-        raise CheckpointError(f"released config of {cls_name} has parameters we do not know: {unknown}")
+        raise CheckpointError(f"{where}released config of {cls_name} has parameters we do not know: {unknown}")
     if params.get("learn_sigma"):
-        raise CheckpointError("learn_sigma=True checkpoints are not supported (no sigma channel in this model)")
+        raise CheckpointError(f"{where}learn_sigma=True checkpoints are not supported (no sigma channel in this model)")
     kwargs = {k: params[k] for k in _RELEASED_PARAMS if k in params}
     kwargs.update(RELEASED_TARGETS[cls_name])
     kwargs.setdefault("predict_uncertainty", True)
-    return PatchForcingTransformer(**kwargs)
+    return _model_from_config(kwargs, source or "released checkpoint", "released config params")
 
 
 def save_released_format(model: PatchForcingTransformer, path: str | os.PathLike) -> Path:
@@ -230,9 +310,12 @@ def _released_training_ckpt(obj: Mapping[str, Any], use_ema: bool, source: str) 
         raise CheckpointError(f"{source}: training checkpoint without hyper_parameters['model']")
     if "target" not in cfg:
         cfg = {"target": "PatchForcingDiT", "params": cfg}
-    model = model_from_released_config(cfg)
+    model = model_from_released_config(cfg, source)
     prefix = "ema_model." if use_ema else "model."
-    sd = {k[len(prefix) :]: v for k, v in obj["state_dict"].items() if k.startswith(prefix)}
+    sd_all = obj["state_dict"]
+    if not isinstance(sd_all, Mapping):
+        raise CheckpointError(f"{source}: 'state_dict' must be a dict of tensors, got {type(sd_all).__name__}")
+    sd = {k[len(prefix) :]: v for k, v in sd_all.items() if str(k).startswith(prefix)}
     if not sd:
         raise CheckpointError(f"{source}: no '{prefix}' weights in the training checkpoint")
     load_state_dict_strict(model, sd, source)
@@ -244,14 +327,14 @@ def _released_training_ckpt(obj: Mapping[str, Any], use_ema: bool, source: str) 
 # --------------------------------------------------------------------------------------------
 
 
-def save_model(model: PatchForcingTransformer, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> Path:
+def save_model(
+    model: PatchForcingTransformer, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None
+) -> Path:
     """Export weights + config to one self-contained ``.safetensors`` file (atomic).
 
     ``metadata`` (JSON-serialisable; e.g. the VAE and its scaling, the training config) is
     stored alongside under the key ``"extra"``.
     """
-    from safetensors.torch import save_file
-
     meta = {
         "format": EXPORT_FORMAT,
         "model_config": json.dumps(model.config.to_dict()),
@@ -261,30 +344,48 @@ def save_model(model: PatchForcingTransformer, path: str | os.PathLike, metadata
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``extra`` metadata saved by :func:`save_model` (``{}`` when absent)."""
-    from safetensors import safe_open
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path} as safetensors (truncated or corrupt header?): {e}") from None
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return json.loads(meta.get("extra", "{}"))
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``extra`` metadata saved by :func:`save_model` (``{}`` when absent).
+
+    Raises:
+        CheckpointError: naming the file, when its header cannot be read or ``extra`` is not JSON.
+    """
+    path = Path(path)
+    meta = _safetensors_metadata(path)
+    try:
+        extra = json.loads(meta.get("extra", "{}"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: the 'extra' metadata is not valid JSON: {e}") from None
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"{path}: the 'extra' metadata must be a JSON object, got {type(extra).__name__}")
+    return extra
 
 
 def _load_safetensors(path: Path) -> PatchForcingTransformer:
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             sd = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"cannot read {path} as safetensors: {e}") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from None
     if "model_config" not in meta:
         raise CheckpointError(
             f"{path} has no 'model_config' metadata; build the model yourself and use "
             "load_state_dict_strict(model, safetensors.torch.load_file(path))"
         )
-    model = PatchForcingTransformer.from_config(json.loads(meta["model_config"]))
+    try:
+        cfg = json.loads(meta["model_config"])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: the 'model_config' metadata is not valid JSON: {e}") from None
+    model = _model_from_config(cfg, str(path))
     load_state_dict_strict(model, sd, str(path))
     return model
 
@@ -300,24 +401,19 @@ def _find_in_dir(path: Path) -> Path:
 
 
 def _hub_download(source: str, filename: str | None) -> Path:
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise CheckpointError(
-            f"{source!r} is not a local file; to load from the Hugging Face hub install "
-            "'patchforcing[hub]' (or pass a local path)"
-        ) from None
+    """Fetch a hub file (``owner/name`` + ``filename``, or ``hf://owner/name/path/in/repo``)."""
     repo = source[len("hf://") :] if source.startswith("hf://") else source
-    parts = repo.split("/")
+    parts = repo.strip("/").split("/")
     if len(parts) > 2 and filename is None:
         repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
     if filename is None:
         filename = "model.safetensors"
     try:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-        return Path(hf_hub_download(repo_id=repo, filename=filename, local_files_only=offline))
-    except Exception as e:  # offline, missing repo/file, auth: report plainly
-        raise CheckpointError(f"could not fetch {filename!r} from hub repo {repo!r}: {e}") from None
+        return hub_download(repo, filename)
+    except HubError as e:
+        raise CheckpointError(
+            f"{source!r} is not a local path; tried hub repo {repo!r} file {filename!r}: {e}"
+        ) from None
 
 
 def load_model(
@@ -331,20 +427,25 @@ def load_model(
 
     Args:
         source: a released ``.ckpt``, an exported ``.safetensors``, a run directory, a training
-            checkpoint, or a hub id (``owner/name``, ``hf://owner/name/file``).
+            checkpoint, or a hub id (``owner/name``, ``hf://owner/name/file``). A source that
+            looks like a path (it has a file extension or starts with ``.``, ``/`` or ``~``) is
+            never looked up on the hub.
         map_location: where tensors are loaded (the model is returned on that device for
             torch files; move it with ``.to()``).
         use_ema: take the EMA weights of training checkpoints (default).
         filename: file inside a hub repo.
+
+    Raises:
+        CheckpointError: a missing path, an unreadable or unrecognised file, a config or weights
+            that do not fit, or a hub file that cannot be fetched (one line, naming the source).
     """
     src = str(source)
-    path = Path(source)
+    path = Path(source).expanduser()
     if not path.exists():
-        looks_like_hub = src.startswith("hf://") or (src.count("/") >= 1 and not src.startswith((".", "/", "~")))
-        if looks_like_hub:
-            path = _hub_download(src, filename)
-        else:
-            raise CheckpointError(f"no such checkpoint: {src}")
+        is_hub_id = src.startswith("hf://") or ("/" in src.strip("/") and not looks_local(src))
+        if not is_hub_id:
+            raise CheckpointError(f"no such checkpoint file or directory: {src}")
+        path = _hub_download(src, filename)
     if path.is_dir():
         path = _find_in_dir(path)
     if path.suffix == ".safetensors":
@@ -359,12 +460,20 @@ def _model_from_torch_object(obj: Any, use_ema: bool, source: str) -> PatchForci
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{source}: expected a dict checkpoint, got {type(obj).__name__}")
     if obj.get("format") == TRAIN_FORMAT:
-        model = PatchForcingTransformer.from_config(obj["model_config"])
+        if "model_config" not in obj:
+            raise CheckpointError(
+                f"{source}: training checkpoint without 'model_config' (see docs/checkpoint-format.md)"
+            )
+        model = _model_from_config(obj["model_config"], source)
         key = "ema" if use_ema and obj.get("ema") is not None else "model"
+        if not isinstance(obj.get(key), Mapping):
+            raise CheckpointError(f"{source}: training checkpoint without '{key}' weights (a dict of tensors)")
         load_state_dict_strict(model, obj[key], f"{source} [{key}]")
         return model
     if isinstance(obj.get("config"), Mapping) and "state_dict" in obj:
-        model = model_from_released_config(obj["config"])
+        if not isinstance(obj["state_dict"], Mapping):
+            raise CheckpointError(f"{source}: 'state_dict' must be a dict of tensors")
+        model = model_from_released_config(obj["config"], source)
         load_state_dict_strict(model, obj["state_dict"], source)
         return model
     if "hyper_parameters" in obj and "state_dict" in obj:
@@ -380,18 +489,35 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, use_ema: bool = T
 
     Args:
         run: a run directory (``checkpoints/last.pt`` is used) or a training checkpoint file.
-        out: the ``.safetensors`` file to write.
+        out: the ``.safetensors`` file to write (not an existing directory); its folder is
+            created and checked for writability before anything is read.
         use_ema: export the EMA weights (default) instead of the raw ones.
+
+    Raises:
+        CheckpointError: a bad ``out`` (a directory, wrong suffix, not writable) or ``run``.
     """
-    path = Path(run)
+    out_path = Path(out).expanduser()
+    if out_path.is_dir():
+        raise CheckpointError(
+            f"--out {out} is an existing directory; give the .safetensors file to write (e.g. {out_path / 'model.safetensors'})"
+        )
+    if out_path.suffix != ".safetensors":
+        raise CheckpointError(f"--out must end in .safetensors, got {out}")
+    try:
+        ensure_writable_dir(out_path.parent, "the folder of --out")
+    except OSError as e:
+        raise CheckpointError(str(e)) from None
+    path = Path(run).expanduser()
     if path.is_dir():
         path = path / "checkpoints" / "last.pt"
     obj = safe_torch_load(path)
     if not isinstance(obj, Mapping) or obj.get("format") != TRAIN_FORMAT:
         raise CheckpointError(f"{path} is not a patchforcing training checkpoint")
     model = _model_from_torch_object(obj, use_ema, str(path))
-    meta = {"step": obj.get("step"), "weights": "ema" if use_ema else "raw", "train_config": obj.get("config"),
-            "autoencoder": obj.get("autoencoder")}  # the VAE spec + scaling that decodes samples (None: pixels)
-    if Path(out).suffix != ".safetensors":
-        raise CheckpointError(f"--out must end in .safetensors, got {out}")
-    return save_model(model, out, metadata=meta)
+    meta = {
+        "step": obj.get("step"),
+        "weights": "ema" if use_ema else "raw",
+        "train_config": obj.get("config"),
+        "autoencoder": obj.get("autoencoder"),
+    }  # the VAE spec + scaling that decodes samples (None: pixels)
+    return save_model(model, out_path, metadata=meta)

@@ -12,14 +12,15 @@ Every data set here has ``num_classes``, ``resolution``, ``channels`` (3) and ``
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Union
+from collections.abc import Mapping
+from typing import Any
 
 from torch.utils.data import Dataset
 
 from .arrays import NpzImageDataset
 from .convert import composite_on_white, image_grid, save_image_grid, to_float, to_uint8
 from .errors import DataError
-from .folder import IMG_EXTENSIONS, ImageFolderDataset, center_crop_adm, load_rgb
+from .folder import IMG_EXTENSIONS, ImageFolderDataset, center_crop_adm, load_rgb, scan_image_files
 from .preview import class_examples, save_class_grid
 from .synthetic import SyntheticShapes, save_synthetic_grid
 
@@ -38,6 +39,7 @@ __all__ = [
     "class_examples",
     "save_class_grid",
     "save_synthetic_grid",
+    "scan_image_files",
     "center_crop_adm",
     "load_rgb",
     "IMG_EXTENSIONS",
@@ -114,7 +116,7 @@ def build_dataset(spec: Mapping[str, Any]) -> Dataset:
         raise DataError(f"dataset kind {raw_kind!r} needs a 'path'")
     path = os.path.expanduser(os.fspath(path))
     flip = bool(spec.get("flip", True))
-    ds: Union[ImageFolderDataset, NpzImageDataset]
+    ds: ImageFolderDataset | NpzImageDataset
     if kind == "folder":
         if resolution is None:
             raise DataError(f"dataset kind {raw_kind!r} ({path!r}) needs a 'resolution'")
@@ -122,11 +124,7 @@ def build_dataset(spec: Mapping[str, Any]) -> Dataset:
         ds = ImageFolderDataset(path, int(resolution), flip=flip, seed=seed, **extra)
     else:
         extra = {k: spec[k] for k in ("key", "labels_key", "classes_key") if k in spec}
-        ds = NpzImageDataset(
-            path, None if resolution is None else int(resolution), flip=flip, seed=seed, **extra
-        )
+        ds = NpzImageDataset(path, None if resolution is None else int(resolution), flip=flip, seed=seed, **extra)
     if num_classes is not None and int(num_classes) < ds.num_classes:
-        raise DataError(
-            f"{path!r} has {ds.num_classes} classes but the spec says num_classes={num_classes}"
-        )
+        raise DataError(f"{path!r} has {ds.num_classes} classes but the spec says num_classes={num_classes}")
     return ds

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import zipfile
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -54,7 +53,7 @@ class NpzImageDataset(Dataset):
 
     def __init__(
         self,
-        path: Union[str, os.PathLike],
+        path: str | os.PathLike,
         resolution: int | None = None,
         flip: bool = True,
         seed: int = 0,

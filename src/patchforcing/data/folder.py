@@ -13,22 +13,33 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .augment import hflip_flag, item_hash
+from ..utils.seeding import item_hash
+from .augment import hflip_flag
 from .convert import composite_on_white, to_float
 from .errors import DataError
 
-__all__ = ["ImageFolderDataset", "IMG_EXTENSIONS", "load_rgb", "to_rgb", "center_crop_adm"]
+__all__ = ["ImageFolderDataset", "IMG_EXTENSIONS", "load_rgb", "to_rgb", "center_crop_adm", "scan_image_files"]
 
 #: lower-case file extensions read as images
 IMG_EXTENSIONS: tuple[str, ...] = (
-    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".jfif",
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".webp",
+    ".tif",
+    ".tiff",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+    ".jfif",
 )
 
 _LAYOUT = "expected root/<class name>/<image files> (ImageNet layout) or, with allow_flat=True, root/<image files>"
@@ -54,7 +65,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: Union[str, os.PathLike]) -> Image.Image:
+def load_rgb(path: str | os.PathLike) -> Image.Image:
     """Open and fully decode an image file as RGB (raises ``OSError`` & co. on a bad file)."""
     with Image.open(path) as img:
         img.load()
@@ -84,8 +95,12 @@ def _is_image(name: str, exts: tuple[str, ...]) -> bool:
     return not name.startswith(".") and name.lower().endswith(exts)
 
 
-def _scan_images(folder: str, exts: tuple[str, ...], recursive: bool) -> list[str]:
-    """Image files under ``folder`` (sorted, hidden entries skipped, symlinks followed)."""
+def scan_image_files(
+    folder: str | os.PathLike, exts: tuple[str, ...] = IMG_EXTENSIONS, recursive: bool = True
+) -> list[str]:
+    """Image files under ``folder``: paths ending in one of ``exts`` (lower-case, with the dot;
+    matched case-insensitively), sorted per directory, hidden files and folders skipped, symlinks
+    followed; only ``folder`` itself when ``recursive=False``."""
     out: list[str] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
@@ -118,7 +133,7 @@ class ImageFolderDataset(Dataset):
 
     def __init__(
         self,
-        root: Union[str, os.PathLike],
+        root: str | os.PathLike,
         resolution: int,
         flip: bool = True,
         seed: int = 0,
@@ -143,11 +158,9 @@ class ImageFolderDataset(Dataset):
         if not self.root.is_dir():
             raise DataError(f"{str(self.root)!r} is not a folder; {_LAYOUT}")
 
-        class_dirs = sorted(
-            e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith(".")
-        )
+        class_dirs = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
         samples: list[tuple[str, int]] = []
-        per_class = [_scan_images(os.path.join(self.root, d), exts, recursive=True) for d in class_dirs]
+        per_class = [scan_image_files(os.path.join(self.root, d), exts, recursive=True) for d in class_dirs]
         if any(per_class):
             empty = [d for d, files in zip(class_dirs, per_class) if not files]
             if empty:
@@ -159,12 +172,10 @@ class ImageFolderDataset(Dataset):
             for label, files in enumerate(per_class):
                 samples.extend((f, label) for f in files)
         else:
-            flat = _scan_images(str(self.root), exts, recursive=False)
+            flat = scan_image_files(str(self.root), exts, recursive=False)
             if not flat:
                 what = f"{len(class_dirs)} sub-folder(s) but no image files" if class_dirs else "no image files"
-                raise DataError(
-                    f"image folder {str(self.root)!r} has {what} (extensions {', '.join(exts)}); {_LAYOUT}"
-                )
+                raise DataError(f"image folder {str(self.root)!r} has {what} (extensions {', '.join(exts)}); {_LAYOUT}")
             if not allow_flat:
                 raise DataError(
                     f"image folder {str(self.root)!r} has images but no class sub-folders and "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import Union
 
 import numpy as np
 import torch
@@ -50,7 +49,7 @@ def class_examples(
 
 def save_class_grid(
     dataset: Dataset,
-    path: Union[str, os.PathLike],
+    path: str | os.PathLike,
     per_class: int = 8,
     num_classes: int | None = None,
     scale: int = 1,

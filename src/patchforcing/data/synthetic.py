@@ -14,13 +14,14 @@ the detail patch, and the detail's content (glyphs, stripe orientation, noise).
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .augment import item_hash
+from ..utils.seeding import item_hash
+from .convert import save_image_grid
 from .errors import DataError
 
 __all__ = ["SyntheticShapes", "SHAPES", "DETAILS", "BACKGROUNDS", "FOREGROUNDS", "save_synthetic_grid"]
@@ -170,9 +171,7 @@ class SyntheticShapes(Dataset):
         self.num_classes = int(num_classes)
         self.length = int(length)
         self.seed = int(seed)
-        self.class_names = [
-            f"{SHAPES[c][0]}/{DETAILS[c % len(DETAILS)]}" for c in range(self.num_classes)
-        ]
+        self.class_names = [f"{SHAPES[c][0]}/{DETAILS[c % len(DETAILS)]}" for c in range(self.num_classes)]
         # geometry in pixels: detail patch side, glyph cells per side, corner margin
         self._patch = max(8, self.size // 4)
         self._cells = self._patch // 4
@@ -315,7 +314,7 @@ class SyntheticShapes(Dataset):
 
 
 def save_synthetic_grid(
-    path: Union[str, os.PathLike],
+    path: str | os.PathLike,
     size: int = 32,
     num_classes: int = 8,
     per_class: int = 8,
@@ -327,8 +326,6 @@ def save_synthetic_grid(
     Returns:
         the images, float32 ``(num_classes * per_class, 3, size, size)`` in ``[-1, 1]``, class-major.
     """
-    from .convert import save_image_grid
-
     ds = SyntheticShapes(size=size, num_classes=num_classes, length=num_classes * per_class, seed=seed)
     order = [i * num_classes + c for c in range(num_classes) for i in range(per_class)]
     x, _ = ds.batch(order)

@@ -23,14 +23,17 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checkpoints import CheckpointError, load_state_dict_strict, safe_torch_load
+from ..utils.io import torch_save_atomic
 from .reference import EvaluationError
 
 __all__ = [
@@ -63,7 +66,7 @@ class ClassifierConfig:
     spatial_channels: int = 7
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ClassifierConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> ClassifierConfig:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(d) - known)
         if unknown:
@@ -101,12 +104,14 @@ class SmallClassifier(nn.Module):
         if c.spatial_channels < 1 or c.spatial_channels > 4 * w:
             raise ValueError(f"spatial_channels must be in 1..{4 * w}, got {c.spatial_channels}")
         self.config = c
-        self.blocks = nn.ModuleList([
-            _Block(c.in_channels, w, 1, c.groups),
-            _Block(w, 2 * w, 2, c.groups),
-            _Block(2 * w, 4 * w, 2, c.groups),
-            _Block(4 * w, 4 * w, 2, c.groups),
-        ])
+        self.blocks = nn.ModuleList(
+            [
+                _Block(c.in_channels, w, 1, c.groups),
+                _Block(w, 2 * w, 2, c.groups),
+                _Block(2 * w, 4 * w, 2, c.groups),
+                _Block(4 * w, 4 * w, 2, c.groups),
+            ]
+        )
         self.head = nn.Linear(4 * w, c.num_classes)
 
     def features(self, x: Tensor) -> dict[str, Tensor]:
@@ -137,8 +142,6 @@ def save_classifier(
     train_info: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a ``weights_only``-loadable classifier checkpoint atomically."""
-    from ..checkpoints import torch_save_atomic
-
     obj = {
         "format": CLASSIFIER_FORMAT,
         "config": model.config.to_dict(),
@@ -157,8 +160,6 @@ def load_classifier(path: str | os.PathLike, map_location: Any = "cpu") -> tuple
     Raises:
         CheckpointError: missing/unreadable file, or not a classifier checkpoint.
     """
-    from ..checkpoints import CheckpointError, load_state_dict_strict, safe_torch_load
-
     obj = safe_torch_load(path, map_location)
     if not isinstance(obj, Mapping) or obj.get("format") != CLASSIFIER_FORMAT:
         keys = sorted(map(str, obj)) if isinstance(obj, Mapping) else type(obj).__name__
@@ -240,10 +241,12 @@ def train_classifier(
     """
     t0 = time.time()
     if int(epochs) < 1 or int(batch_size) < 1 or (max_steps is not None and int(max_steps) < 1):
-        raise EvaluationError(f"epochs, batch_size and max_steps must be >= 1 (got {epochs}, {batch_size}, {max_steps})")
+        raise EvaluationError(
+            f"epochs, batch_size and max_steps must be >= 1 (got {epochs}, {batch_size}, {max_steps})"
+        )
     n = len(dataset)
-    num_classes = int(getattr(dataset, "num_classes"))
-    resolution = int(getattr(dataset, "resolution"))
+    num_classes = int(dataset.num_classes)
+    resolution = int(dataset.resolution)
     if num_classes < 2:
         raise EvaluationError(f"the data set has {num_classes} class(es); a classifier needs at least 2")
     n_val = int(round(n * float(val_fraction)))
@@ -290,8 +293,10 @@ def train_classifier(
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
         if log is not None and seen:
-            log(f"epoch {epoch + 1}/{epochs}: step {step}/{total}, loss {loss_sum / seen:.4f}, "
-                f"train accuracy {correct / seen:.3f}")
+            log(
+                f"epoch {epoch + 1}/{epochs}: step {step}/{total}, loss {loss_sum / seen:.4f}, "
+                f"train accuracy {correct / seen:.3f}"
+            )
     train_acc = correct / max(1, seen)
     acc = _accuracy(model, dataset, val_idx, 256, device) if val_idx else float("nan")
     model = model.cpu().eval()
@@ -306,8 +311,19 @@ def train_classifier(
         "num_val": len(val_idx),
     }
     names = getattr(dataset, "class_names", None)
-    path = save_classifier(model, out, class_names=list(names) if names is not None else None,
-                           accuracy=None if math.isnan(acc) else acc, train_info=info)
-    return TrainClassifierResult(path=path, accuracy=acc, train_accuracy=train_acc, steps=step,
-                                 num_train=len(train_idx), num_val=len(val_idx), seconds=time.time() - t0)
-
+    path = save_classifier(
+        model,
+        out,
+        class_names=list(names) if names is not None else None,
+        accuracy=None if math.isnan(acc) else acc,
+        train_info=info,
+    )
+    return TrainClassifierResult(
+        path=path,
+        accuracy=acc,
+        train_accuracy=train_acc,
+        steps=step,
+        num_train=len(train_idx),
+        num_val=len(val_idx),
+        seconds=time.time() - t0,
+    )

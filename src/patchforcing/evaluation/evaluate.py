@@ -20,13 +20,15 @@ import io
 import json
 import math
 import os
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ..utils.io import atomic_write
 from .features import FeatureExtractor, build_feature_extractor
 from .frechet import feature_statistics, frechet_distance
 from .metrics import inception_score, precision_recall
@@ -129,8 +131,6 @@ def _load_cache(path: Path, meta: dict[str, Any]) -> dict[str, np.ndarray] | Non
 
 
 def _save_cache(path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-    from ..checkpoints import atomic_write
-
     def write(tmp: str) -> None:
         buf = io.BytesIO()
         np.savez(buf, meta=np.array(json.dumps(meta)), **arrays)
@@ -157,8 +157,15 @@ def _reference_arrays(
         if hit is not None:
             notes.append(f"reference features read from the cache {cache}")
             return hit
-    feats = extract_features(ref, extractor, batch_size=batch_size, resolution=resolution,
-                             parts=("pool", "spatial"), progress=progress, label="reference")
+    feats = extract_features(
+        ref,
+        extractor,
+        batch_size=batch_size,
+        resolution=resolution,
+        parts=("pool", "spatial"),
+        progress=progress,
+        label="reference",
+    )
     arrays: dict[str, np.ndarray] = {"pool": feats["pool"].numpy()}
     mu, sigma = feature_statistics(feats["pool"])
     arrays.update(mu=mu.numpy(), sigma=sigma.numpy())
@@ -245,31 +252,42 @@ def evaluate(
     else:
         smp_res = smp.resolution if smp.kind != "folder" else (refset.resolution or None)
         if smp_res is None:
-            raise EvaluationError("both samples and reference are image folders: give one as an .npz to fix the resolution")
+            raise EvaluationError(
+                "both samples and reference are image folders: give one as an .npz to fix the resolution"
+            )
         ref_res = smp_res
     if refset.resolution is not None and refset.resolution != ref_res:
         notes.append(f"reference images resized from {refset.resolution} to {ref_res} px (centre crop)")
 
     # samples
     need_pool = any(m in wanted for m in ("fid", "precision", "recall"))
-    parts = tuple(p for p, need in (("pool", need_pool), ("spatial", "sfid" in wanted), ("logits", "is" in wanted)) if need)
-    sf = extract_features(smp, extractor, batch_size=batch_size, resolution=smp_res, parts=parts,
-                          progress=progress, label="samples")
+    parts = tuple(
+        p for p, need in (("pool", need_pool), ("spatial", "sfid" in wanted), ("logits", "is" in wanted)) if need
+    )
+    sf = extract_features(
+        smp, extractor, batch_size=batch_size, resolution=smp_res, parts=parts, progress=progress, label="samples"
+    )
 
     # reference: stored statistics where allowed, else computed from its images
     stored = refset.stats if (refset.stats and use_reference_stats and extractor.accepts_adm_statistics) else None
     if refset.stats and not stored:
-        why = "use_reference_stats is off" if not use_reference_stats else f"they are Inception statistics, not {extractor.name} ones"
+        why = (
+            "use_reference_stats is off"
+            if not use_reference_stats
+            else f"they are Inception statistics, not {extractor.name} ones"
+        )
         notes.append(f"the reference's stored mu/sigma are not used ({why}); statistics computed from its images")
     need_images = (
-        "precision" in wanted or "recall" in wanted
+        "precision" in wanted
+        or "recall" in wanted
         or ("fid" in wanted and not (stored and "mu" in stored))
         or ("sfid" in wanted and sf.get("spatial") is not None and not (stored and "mu_s" in stored))
     )
     ra: dict[str, np.ndarray] = {}
     if need_images:
-        ra = _reference_arrays(refset, extractor, resolution=ref_res, batch_size=batch_size, cache=cache,
-                               progress=progress, notes=notes)
+        ra = _reference_arrays(
+            refset, extractor, resolution=ref_res, batch_size=batch_size, cache=cache, progress=progress, notes=notes
+        )
     ref_stats_source = {}
 
     values: dict[str, float | None] = {}
@@ -283,17 +301,23 @@ def evaluate(
             values[names["fid"]] = _fd(pool_stats, ra["mu"], ra["sigma"], names["fid"])
             ref_stats_source["pool"] = "computed from the reference images"
         if sf["pool"].shape[0] <= sf["pool"].shape[1]:
-            notes.append(f"{names['fid']}: {sf['pool'].shape[0]} samples for {sf['pool'].shape[1]}-d features; "
-                         "the covariance is rank-deficient and the value is biased upwards")
+            notes.append(
+                f"{names['fid']}: {sf['pool'].shape[0]} samples for {sf['pool'].shape[1]}-d features; "
+                "the covariance is rank-deficient and the value is biased upwards"
+            )
     if "sfid" in wanted:
         if sf.get("spatial") is None:
             values[names["sfid"]] = None
-            notes.append(f"{names['sfid']} not computed: {extractor.spatial_note or 'the feature extractor has no spatial features'}")
+            notes.append(
+                f"{names['sfid']} not computed: {extractor.spatial_note or 'the feature extractor has no spatial features'}"
+            )
         else:
             sp_stats = feature_statistics(sf["spatial"])
             if sf["spatial"].shape[0] <= sf["spatial"].shape[1]:
-                notes.append(f"{names['sfid']}: {sf['spatial'].shape[0]} samples for {sf['spatial'].shape[1]}-d "
-                             "features; the covariance is rank-deficient and the value is biased upwards")
+                notes.append(
+                    f"{names['sfid']}: {sf['spatial'].shape[0]} samples for {sf['spatial'].shape[1]}-d "
+                    "features; the covariance is rank-deficient and the value is biased upwards"
+                )
             if stored and "mu_s" in stored:
                 values[names["sfid"]] = _fd(sp_stats, stored["mu_s"], stored["sigma_s"], names["sfid"])
                 ref_stats_source["spatial"] = "stored in the reference file"
@@ -316,8 +340,9 @@ def evaluate(
     if "precision" in wanted or "recall" in wanted:
         n_ref, n_smp = ra["pool"].shape[0], sf["pool"].shape[0]
         if min(n_ref, n_smp) <= k:
-            raise EvaluationError(f"precision/recall with k={k} need more than {k} images per set "
-                                  f"(samples: {n_smp}, reference: {n_ref})")
+            raise EvaluationError(
+                f"precision/recall with k={k} need more than {k} images per set (samples: {n_smp}, reference: {n_ref})"
+            )
         pr = precision_recall(ra["pool"], sf["pool"], k=k, row_chunk=chunk_size, col_chunk=chunk_size, device=device)
         for m in ("precision", "recall"):
             if m in wanted:
@@ -325,15 +350,31 @@ def evaluate(
 
     return {
         "metrics": values,
-        "samples": {"path": smp.path, "kind": smp.kind, "num_images": smp.num_images,
-                    "stored_size": None if smp.size is None else list(smp.size), "resolution": smp_res},
-        "reference": {"path": refset.path, "kind": refset.kind, "num_images": refset.num_images,
-                      "stored_size": None if refset.size is None else list(refset.size), "resolution": ref_res,
-                      "statistics": ref_stats_source or None,
-                      "images_used": bool(need_images)},
+        "samples": {
+            "path": smp.path,
+            "kind": smp.kind,
+            "num_images": smp.num_images,
+            "stored_size": None if smp.size is None else list(smp.size),
+            "resolution": smp_res,
+        },
+        "reference": {
+            "path": refset.path,
+            "kind": refset.kind,
+            "num_images": refset.num_images,
+            "stored_size": None if refset.size is None else list(refset.size),
+            "resolution": ref_res,
+            "statistics": ref_stats_source or None,
+            "images_used": bool(need_images),
+        },
         "features": extractor.describe(),
-        "settings": {"metrics": list(wanted), "k": k, "is_split_size": None if is_splits else is_split_size,
-                     "is_splits": is_splits, "batch_size": batch_size, "chunk_size": chunk_size},
+        "settings": {
+            "metrics": list(wanted),
+            "k": k,
+            "is_split_size": None if is_splits else is_split_size,
+            "is_splits": is_splits,
+            "batch_size": batch_size,
+            "chunk_size": chunk_size,
+        },
         "details": details,
         "notes": notes,
     }
@@ -346,7 +387,9 @@ def format_results(result: dict[str, Any]) -> str:
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  {'-' * 10}"]
     lines += [f"{n:<{width}}  {v}" for n, v in rows]
     s, r = result["samples"], result["reference"]
-    lines.append(f"samples: {s['num_images']} from {s['path']}; reference: {r['num_images']} from {r['path']} "
-                 f"({r['kind']}); features: {result['features'].get('name')}")
+    lines.append(
+        f"samples: {s['num_images']} from {s['path']}; reference: {r['num_images']} from {r['path']} "
+        f"({r['kind']}); features: {result['features'].get('name')}"
+    )
     lines += [f"note: {n}" for n in result["notes"]]
     return "\n".join(lines)

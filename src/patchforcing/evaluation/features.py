@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..utils.io import torch_save_atomic
+from .classifier import load_classifier
 from .reference import EvaluationError
 
 __all__ = [
@@ -97,6 +99,15 @@ class FeatureExtractor:
         return {"name": self.name, "resolution": self.resolution}
 
 
+def _import_torch_fidelity() -> Any:
+    """torch-fidelity's Inception module (an optional dependency, imported here only)."""
+    try:
+        import torch_fidelity.feature_extractor_inceptionv3 as fe
+    except ImportError as e:
+        raise EvaluationError(f"{_INSTALL_HINT} (import failed: {e})") from None
+    return fe
+
+
 def _check_batch(images: Any) -> Tensor:
     if isinstance(images, np.ndarray):
         if not images.flags.writeable:  # e.g. streamed from a file: torch wants writable memory
@@ -105,7 +116,9 @@ def _check_batch(images: Any) -> Tensor:
     t = images
     if not isinstance(t, Tensor) or t.dtype != torch.uint8 or t.dim() != 4 or t.shape[-1] != 3:
         shape = tuple(getattr(t, "shape", ()))
-        raise EvaluationError(f"feature extractors take uint8 (B, H, W, 3) batches, got {getattr(t, 'dtype', type(t))} {shape}")
+        raise EvaluationError(
+            f"feature extractors take uint8 (B, H, W, 3) batches, got {getattr(t, 'dtype', type(t))} {shape}"
+        )
     return t
 
 
@@ -123,11 +136,10 @@ class InceptionFeatures(FeatureExtractor):
     accepts_adm_statistics = True
     metric_names = dict(INCEPTION_METRIC_NAMES)
 
-    def __init__(self, weights_path: str | os.PathLike | None = None, device: Any = "cpu", spatial: bool = True) -> None:
-        try:
-            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-        except ImportError as e:
-            raise EvaluationError(f"{_INSTALL_HINT} (import failed: {e})") from None
+    def __init__(
+        self, weights_path: str | os.PathLike | None = None, device: Any = "cpu", spatial: bool = True
+    ) -> None:
+        fe = _import_torch_fidelity()
         if weights_path is not None:
             weights_path = Path(weights_path).expanduser()
             if not weights_path.is_file():
@@ -135,7 +147,7 @@ class InceptionFeatures(FeatureExtractor):
         self.weights_path = None if weights_path is None else str(weights_path)
         self.device = torch.device(device)
         try:
-            self.model = FeatureExtractorInceptionV3(
+            self.model = fe.FeatureExtractorInceptionV3(
                 "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=self.weights_path
             )
         except (RuntimeError, OSError, ValueError) as e:
@@ -186,11 +198,7 @@ def random_inception_weights(path: str | os.PathLike, seed: int = 0) -> Path:
     extractor class is instantiated with its weight loading skipped, its modules keep their
     default random initialisation (seeded), and its ``state_dict`` is saved. Needs torch-fidelity.
     """
-    try:
-        import torch_fidelity.feature_extractor_inceptionv3 as fe
-    except ImportError as e:
-        raise EvaluationError(f"{_INSTALL_HINT} (import failed: {e})") from None
-    from ..checkpoints import torch_save_atomic
+    fe = _import_torch_fidelity()
 
     class _NoLoad(fe.FeatureExtractorInceptionV3):
         def load_state_dict(self, state_dict, *args, **kwargs):  # skip the (empty) weights
@@ -208,7 +216,7 @@ def random_inception_weights(path: str | os.PathLike, seed: int = 0) -> Path:
             if isinstance(m, torch.nn.Conv2d):
                 torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
             elif isinstance(m, torch.nn.Linear):
-                torch.nn.init.normal_(m.weight, std=m.in_features ** -0.5)
+                torch.nn.init.normal_(m.weight, std=m.in_features**-0.5)
                 torch.nn.init.zeros_(m.bias)
     sd = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     return torch_save_atomic(sd, path)
@@ -234,8 +242,6 @@ class ClassifierFeatures(FeatureExtractor):
     }
 
     def __init__(self, checkpoint: str | os.PathLike, device: Any = "cpu") -> None:
-        from .classifier import load_classifier
-
         self.checkpoint = str(checkpoint)
         self.device = torch.device(device)
         self.model, self.info = load_classifier(checkpoint, map_location="cpu")
@@ -247,7 +253,9 @@ class ClassifierFeatures(FeatureExtractor):
         t = _check_batch(images)
         x = t.to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         if x.shape[-1] != self.resolution or x.shape[-2] != self.resolution:
-            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", antialias=True, align_corners=False)
+            x = F.interpolate(
+                x, size=(self.resolution, self.resolution), mode="bilinear", antialias=True, align_corners=False
+            )
         f = self.model.features(x)
         return {k: (None if v is None else v.float().cpu()) for k, v in f.items()}
 
@@ -279,7 +287,13 @@ def build_feature_extractor(
         path = s.split(":", 1)[1]
         if not path:
             raise EvaluationError("--features classifier:CKPT needs a checkpoint path after 'classifier:'")
-        if not Path(path).expanduser().is_file():
+        p = Path(path).expanduser()
+        if p.is_dir():
+            raise EvaluationError(
+                f"classifier checkpoint {path!r} is a directory, expected a classifier checkpoint file "
+                "(from `patchforcing train-classifier`)"
+            )
+        if not p.is_file():
             raise EvaluationError(f"classifier checkpoint {path!r} does not exist")
         return ClassifierFeatures(Path(path).expanduser(), device=device)
     raise EvaluationError(f"unknown features {spec!r}; expected 'inception' or 'classifier:CKPT'")

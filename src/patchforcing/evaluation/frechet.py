@@ -39,8 +39,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """Fréchet distance of ``N(mu1, sigma1)`` and ``N(mu2, sigma2)`` (``(D,)``, ``(D, D)``)."""
     mu1, mu2, s1, s2 = map(_as64, (mu1, mu2, sigma1, sigma2))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.numel(), mu1.numel()):
-        raise ValueError(f"statistics do not match: mu {tuple(mu1.shape)}/{tuple(mu2.shape)}, "
-                         f"sigma {tuple(s1.shape)}/{tuple(s2.shape)}")
+        raise ValueError(
+            f"statistics do not match: mu {tuple(mu1.shape)}/{tuple(mu2.shape)}, "
+            f"sigma {tuple(s1.shape)}/{tuple(s2.shape)}"
+        )
     r1 = _sqrtm_psd(s1)
     inner = r1 @ s2 @ r1
     tr_covmean = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt().sum()

@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from ..data.convert import composite_on_white
-from ..data.folder import IMG_EXTENSIONS, center_crop_adm, load_rgb
+from ..data.folder import IMG_EXTENSIONS, center_crop_adm, load_rgb, scan_image_files
 
 __all__ = ["EvaluationError", "ImageSet", "open_images", "resize_images", "IMAGE_KEYS", "STATS_KEYS"]
 
@@ -235,17 +236,6 @@ def _check_array_meta(where: str, key: str, shape: tuple[int, ...], dtype: np.dt
         raise EvaluationError(f"{where}: array {key!r} has empty images {shape}")
 
 
-def _scan_folder(root: Path) -> list[str]:
-    out: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(
-            os.path.join(dirpath, f) for f in sorted(filenames)
-            if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS)
-        )
-    return out
-
-
 def open_images(source: Any, *, key: str | None = None, role: str = "images") -> ImageSet:
     """Open ``source`` as an :class:`ImageSet` without reading the images yet.
 
@@ -269,7 +259,7 @@ def open_images(source: Any, *, key: str | None = None, role: str = "images") ->
     if not path.exists():
         raise EvaluationError(f"{where} does not exist")
     if path.is_dir():
-        files = _scan_folder(path)
+        files = scan_image_files(path)
         if len(files) < 2:
             raise EvaluationError(
                 f"{where} is a folder with {len(files)} image file(s) (searched recursively for "
@@ -287,11 +277,15 @@ def open_images(source: Any, *, key: str | None = None, role: str = "images") ->
         with zipfile.ZipFile(path) as zf:
             names = [n[: -len(".npy")] for n in zf.namelist() if n.endswith(".npy")]
     except (zipfile.BadZipFile, OSError) as e:
-        raise EvaluationError(f"cannot read {where} as .npz (expected a .npz, a .npy or an image folder): {e}") from None
+        raise EvaluationError(
+            f"cannot read {where} as .npz (expected a .npz, a .npy or an image folder): {e}"
+        ) from None
     if key is None:
         key = next((k for k in IMAGE_KEYS if k in names), None)
         if key is None:
-            raise EvaluationError(f"{where} has no image array {' or '.join(IMAGE_KEYS)}; arrays in it: {sorted(names)}")
+            raise EvaluationError(
+                f"{where} has no image array {' or '.join(IMAGE_KEYS)}; arrays in it: {sorted(names)}"
+            )
     elif key not in names:
         raise EvaluationError(f"{where} has no array {key!r}; arrays in it: {sorted(names)}")
     try:

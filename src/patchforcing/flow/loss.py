@@ -10,7 +10,8 @@ only from the flow-matching term (stop-gradient in the NLL).
 from __future__ import annotations
 
 import math
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import Tensor

@@ -30,8 +30,7 @@ def patch_to_pixel(values: Tensor, patch_size: int, height: int, width: int) -> 
     B, N = values.shape
     if N != h * w or h * p != height or w * p != width:
         raise ValueError(
-            f"{N} patch values do not tile a {height}x{width} input with patch size {p} "
-            f"(expected {h * w})"
+            f"{N} patch values do not tile a {height}x{width} input with patch size {p} (expected {h * w})"
         )
     return values.view(B, 1, h, 1, w, 1).expand(B, 1, h, p, w, p).reshape(B, 1, height, width)
 

@@ -1,4 +1,4 @@
-"""Per-patch timestep samplers for Patch Forcing training (method.md, section 3).
+"""Per-patch timestep samplers for Patch Forcing training (docs/method.md, section 3).
 
 Every sampler is a small frozen dataclass holding its parameters. Calling it draws a float32
 tensor of shape ``(B, N)`` (B images, N patches each) with values in ``[0, 1]``, where
@@ -62,13 +62,15 @@ def _check_param(name: str, value: object, *, positive: bool = False, nonneg: bo
     return value
 
 
-def _rand(shape: tuple[int, ...], gen: torch.Generator | None, device: torch.device,
-          dtype: torch.dtype = torch.float32) -> Tensor:
+def _rand(
+    shape: tuple[int, ...], gen: torch.Generator | None, device: torch.device, dtype: torch.dtype = torch.float32
+) -> Tensor:
     return torch.rand(shape, generator=gen, device=device, dtype=dtype)
 
 
-def _randn(shape: tuple[int, ...], gen: torch.Generator | None, device: torch.device,
-           dtype: torch.dtype = torch.float32) -> Tensor:
+def _randn(
+    shape: tuple[int, ...], gen: torch.Generator | None, device: torch.device, dtype: torch.dtype = torch.float32
+) -> Tensor:
     return torch.randn(shape, generator=gen, device=device, dtype=dtype)
 
 
@@ -78,13 +80,15 @@ class TimestepSampler:
 
     name: ClassVar[str] = ""
 
-    def __call__(self, batch_size: int, num_patches: int, *,
-                 generator: torch.Generator | None = None, device=None) -> Tensor:
+    def __call__(
+        self, batch_size: int, num_patches: int, *, generator: torch.Generator | None = None, device=None
+    ) -> Tensor:
         """Draw timesteps of shape ``(batch_size, num_patches)``, float32, in [0, 1]."""
         return self.sample_with_info(batch_size, num_patches, generator=generator, device=device).t
 
-    def sample_with_info(self, batch_size: int, num_patches: int, *,
-                         generator: torch.Generator | None = None, device=None) -> TimestepDraw:
+    def sample_with_info(
+        self, batch_size: int, num_patches: int, *, generator: torch.Generator | None = None, device=None
+    ) -> TimestepDraw:
         """Like ``__call__`` but also return the per-row latent and the redraw mask (see
         :class:`TimestepDraw`). Consumes the generator exactly as ``__call__`` does."""
         for arg, v in (("batch_size", batch_size), ("num_patches", num_patches)):
@@ -99,8 +103,9 @@ class TimestepSampler:
         redrawn = None if redrawn is None else redrawn.to(out_device)
         return TimestepDraw(t, row, redrawn)
 
-    def _sample(self, B: int, N: int, gen: torch.Generator | None,
-                device: torch.device) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def _sample(
+        self, B: int, N: int, gen: torch.Generator | None, device: torch.device
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         raise NotImplementedError
 
 
@@ -193,7 +198,7 @@ def _srm_split(mean: Tensor, N: int, gen: torch.Generator | None) -> Tensor:
     unshuffled (left-to-right block order). Runs level by level in float64 (float32 on MPS)."""
     device = mean.device
     dtype = torch.float32 if device.type == "mps" else torch.float64
-    totals = (mean.to(dtype) * N)[:, None]              # (B, L) block totals, L blocks per row
+    totals = (mean.to(dtype) * N)[:, None]  # (B, L) block totals, L blocks per row
     sizes = torch.tensor([N], device=device, dtype=dtype)  # (L,) block sizes, same for every row
     while bool((sizes > 1).any()):
         split = sizes > 1
@@ -205,7 +210,7 @@ def _srm_split(mean: Tensor, N: int, gen: torch.Generator | None) -> Tensor:
         a = a.expand_as(totals).contiguous()
         x, y = _sample_gamma(a, gen), _sample_gamma(a, gen)
         t1 = torch.minimum(torch.maximum(lo + x / (x + y) * (hi - lo), lo), hi)
-        keep = torch.stack([d1 > 0, d2 > 0], dim=1).reshape(-1)    # drop the empty halves
+        keep = torch.stack([d1 > 0, d2 > 0], dim=1).reshape(-1)  # drop the empty halves
         sizes = torch.stack([d1, d2], dim=1).reshape(-1)[keep]
         totals = torch.stack([t1, totals - t1], dim=2).reshape(totals.shape[0], -1)[:, keep]
     return totals
@@ -229,8 +234,9 @@ class GaussianSampler(TimestepSampler):
         return t.clamp(0.0, 1.0), m[:, 0], None
 
 
-def _truncated_below_max(m: Tensor, N: int, std: float, gen: torch.Generator | None,
-                         device: torch.device) -> tuple[Tensor, Tensor]:
+def _truncated_below_max(
+    m: Tensor, N: int, std: float, gen: torch.Generator | None, device: torch.device
+) -> tuple[Tensor, Tensor]:
     """``t_i = m - |z_i| * min(m / 2, std)`` for ``m`` (B, 1); negatives replaced by U(0, m).
     Returns ``(t, redrawn)``, both (B, N)."""
     z = _randn((m.shape[0], N), gen, device)
@@ -281,8 +287,15 @@ class LTGSampler(TimestepSampler):
 
 TIMESTEP_SAMPLERS: dict[str, type[TimestepSampler]] = {
     cls.name: cls
-    for cls in (UniformSampler, LogitNormalSampler, PerPatchUniformSampler, SRMSampler,
-                GaussianSampler, TruncatedGaussianSampler, LTGSampler)
+    for cls in (
+        UniformSampler,
+        LogitNormalSampler,
+        PerPatchUniformSampler,
+        SRMSampler,
+        GaussianSampler,
+        TruncatedGaussianSampler,
+        LTGSampler,
+    )
 }
 
 
@@ -298,8 +311,9 @@ def make_timestep_sampler(name: str, **kwargs: float) -> TimestepSampler:
     bad = sorted(set(kwargs) - set(valid))
     if bad:
         params = ", ".join(valid) if valid else "none"
-        raise ValueError(f"timestep sampler {name!r} got unknown argument(s) {', '.join(bad)}; "
-                         f"its parameters: {params}")
+        raise ValueError(
+            f"timestep sampler {name!r} got unknown argument(s) {', '.join(bad)}; its parameters: {params}"
+        )
     try:
         return cls(**kwargs)
     except ValueError as e:

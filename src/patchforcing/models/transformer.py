@@ -49,9 +49,7 @@ def timestep_features(t: Tensor, dim: int = 256, max_period: float = 10000.0) ->
         ``f_k = exp(-ln(max_period) * k / half)``, ``half = dim // 2``.
     """
     half = dim // 2
-    freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    )
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -272,7 +270,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -357,7 +355,7 @@ class PatchForcingTransformer(nn.Module):
     # ---- construction ----------------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, config: ModelConfig | dict[str, Any]) -> "PatchForcingTransformer":
+    def from_config(cls, config: ModelConfig | dict[str, Any]) -> PatchForcingTransformer:
         if isinstance(config, dict):
             config = ModelConfig.from_dict(config)
         return cls(**asdict(config))

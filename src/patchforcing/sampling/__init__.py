@@ -1,8 +1,22 @@
-"""Samplers: integrators that only call the model (``euler``, ``euler_pf``, ``dual_loop``, ``look_ahead``)."""
+"""Samplers: integrators that only call the model (the names in :data:`SAMPLERS`).
 
-from .api import SampleResult, sample, steps_for_nfe
+Sampling at scale (sharded, resumable ``.npz`` output) is in :mod:`patchforcing.sampling.generate`.
+"""
+
+from .api import NonFiniteSampleError, SampleResult, sample, steps_for_nfe
 from .guidance import GuidedModel, Prediction
-from .samplers import SAMPLERS, CallRecord, DualLoop, Euler, EulerPF, LookAhead, Sampler, certain_mask, make_sampler, make_time_grid
+from .samplers import (
+    SAMPLERS,
+    CallRecord,
+    DualLoop,
+    Euler,
+    EulerPF,
+    LookAhead,
+    Sampler,
+    certain_mask,
+    make_sampler,
+    make_time_grid,
+)
 
 __all__ = [
     "SAMPLERS",
@@ -12,6 +26,7 @@ __all__ = [
     "EulerPF",
     "GuidedModel",
     "LookAhead",
+    "NonFiniteSampleError",
     "Prediction",
     "SampleResult",
     "Sampler",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
+import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,10 +13,25 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .guidance import GuidedModel
-from .samplers import CallRecord, Sampler, StepContext, TimeGrid, _Recorder, make_sampler, make_time_grid
+from .guidance import GuidedModel, check_guidance
+from .samplers import SAMPLERS, CallRecord, Sampler, StepContext, TimeGrid, _Recorder, make_sampler, make_time_grid
 
-__all__ = ["SampleResult", "sample", "steps_for_nfe"]
+__all__ = ["SampleResult", "NonFiniteSampleError", "sample", "steps_for_nfe", "plan_run"]
+
+
+class NonFiniteSampleError(ValueError):
+    """A sampling run produced NaN or inf (NaN weights in the checkpoint, an overflow, ...).
+
+    Attributes:
+        call: index of the first network call whose output was not finite (``None`` when every
+            output was finite but the state overflowed).
+        step: the outer step that call belongs to (the last step for an overflowed state).
+    """
+
+    def __init__(self, message: str, call: int | None, step: int):
+        super().__init__(message)
+        self.call = call
+        self.step = step
 
 
 @dataclass
@@ -25,7 +43,7 @@ class SampleResult:
         calls: network forward passes made.
         nfe: function evaluations per image (a guided call counts 2).
         steps: outer steps ``K``; grid: ``(K + 1,)`` float64 time grid used.
-        sampler: sampler name; options: its options (p, n_inner, ...).
+        sampler: sampler name; options: its options (quantile, n_inner, ...).
         seconds: wall-clock time of the integration.
         record: per-call :class:`CallRecord` list when ``record=True``, else ``None``.
     """
@@ -41,29 +59,131 @@ class SampleResult:
     record: list[CallRecord] | None = None
 
 
+# --------------------------------------------------------------------------------------------
+# planning: calls and NFE of a run, and the step count that fits an NFE budget
+# --------------------------------------------------------------------------------------------
+
+
+def _breakpoints(sampler: Sampler, guided: GuidedModel) -> list[float] | None:
+    """Sorted times between which a step's cost (calls x guidance) is constant; ``None``: unknown."""
+    a, b = sampler.cost_breakpoints(), guided.guidance_breakpoints()
+    if a is None or b is None:
+        return None
+    points = sorted({float(v) for v in (*a, *b)})
+    if not all(math.isfinite(v) for v in points):
+        return None
+    return points
+
+
+def _step_cost(sampler: Sampler, guided: GuidedModel, s: float) -> tuple[int, int]:
+    n = sampler.calls_per_step(s)
+    return n, n * (2 if guided.guided_at(s) else 1)
+
+
+def plan_run(sampler: Sampler, grid: Tensor, guided: GuidedModel) -> tuple[int, int]:
+    """``(calls, nfe per image)`` of a run over ``grid``; the same as ``sampler.plan(grid,
+    guided.guided_at)``, but with the step costs' breakpoints known, each constant piece is counted
+    with a binary search over the (sorted) step starts instead of asking every step."""
+    points = _breakpoints(sampler, guided)
+    if points is None:
+        return sampler.plan(grid, guided.guided_at)
+    starts = grid[:-1].tolist()
+    calls = nfe = 0
+    edges = [-math.inf, *points, math.inf]
+    for lo, hi in zip(edges[:-1], edges[1:]):  # steps starting in the open piece (lo, hi)
+        n = bisect.bisect_left(starts, hi) - bisect.bisect_right(starts, lo)
+        if n:
+            if math.isfinite(lo) and math.isfinite(hi):
+                mid = (lo + hi) / 2
+            else:
+                mid = hi - 1.0 if math.isfinite(hi) else (lo + 1.0 if math.isfinite(lo) else 0.5)
+            c, f = _step_cost(sampler, guided, mid)
+            calls, nfe = calls + n * c, nfe + n * f
+    for b in points:  # steps starting exactly at a breakpoint
+        n = bisect.bisect_right(starts, b) - bisect.bisect_left(starts, b)
+        if n:
+            c, f = _step_cost(sampler, guided, b)
+            calls, nfe = calls + n * c, nfe + n * f
+    return calls, nfe
+
+
+def _uniform_window(sampler: Sampler, guided: GuidedModel, budget: int) -> int | None:
+    """An upper bound on the step counts a uniform grid can fit in ``budget`` NFE, within a
+    constant of the answer; ``None`` when the cost structure is unknown.
+
+    With cost ``f`` per step constant on pieces of ``[0, 1]``, the ``K`` uniform step starts put
+    ``len * K`` (+-2, float rounding included) of them in each piece, so
+    ``|nfe(K) - K A| <= E`` with ``A`` the integral of ``f`` and ``E`` a constant: every ``K``
+    above ``(budget + E) / A`` overshoots and every one below ``(budget - E) / A`` fits."""
+    points = _breakpoints(sampler, guided)
+    if points is None:
+        return None
+    edges = [0.0, *[b for b in points if 0.0 < b < 1.0], 1.0]
+    area, total, fmax = 0.0, 0, 0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        f = _step_cost(sampler, guided, (lo + hi) / 2)[1]
+        area += f * (hi - lo)
+        total += f
+        fmax = max(fmax, f)
+    fmax = max([fmax] + [_step_cost(sampler, guided, b)[1] for b in edges])
+    if not area > 0:
+        return None
+    slack = 2 * total + (len(edges) + 1) * fmax + 1
+    return min(budget, int(math.floor((budget + slack) / area)) + 1)
+
+
+def _check_count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def steps_for_nfe(sampler: Sampler, budget: int, guided: GuidedModel, grid: TimeGrid = None) -> int:
-    """The largest step count whose NFE per image fits ``budget`` (for equal-compute comparisons)."""
-    if budget < 1:
-        raise ValueError(f"the NFE budget must be >= 1, got {budget}")
-    best = 0
-    for k in range(1, int(budget) + 1):  # nfe >= calls >= k
-        _, nfe = sampler.plan(make_time_grid(k, grid), guided.guided_at)
-        if nfe <= budget:
-            best = k
-    if best == 0:
-        raise ValueError(f"no step count fits an NFE budget of {budget} with sampler {sampler.name!r}")
-    return best
+    """The largest step count ``K`` in ``[1, budget]`` whose NFE per image fits ``budget`` (for
+    equal-compute comparisons).
+
+    Plans only a constant number of step counts for the uniform grid (any sampler whose cost
+    breakpoints are known); other grids are scanned (each plan ``O(log K)``).
+
+    Raises:
+        ValueError: ``budget`` not a positive integer, or no step count fits.
+    """
+    budget = _check_count("the NFE budget", budget)
+    uniform = grid is None or (isinstance(grid, str) and grid == "uniform")
+    top = _uniform_window(sampler, guided, budget) if uniform else None
+    if top is not None:
+        for k in range(top, 0, -1):  # at most a constant number of plans above the first fit
+            # make_time_grid(k)'s uniform grid, without its (here needless) checks
+            if plan_run(sampler, torch.linspace(0.0, 1.0, k + 1, dtype=torch.float64), guided)[1] <= budget:
+                return k
+    else:
+        best = 0
+        for k in range(1, budget + 1):  # nfe >= calls >= k; the NFE need not grow with k
+            if plan_run(sampler, make_time_grid(k, grid), guided)[1] <= budget:
+                best = k
+        if best:
+            return best
+    raise ValueError(f"no step count fits an NFE budget of {budget} with sampler {sampler.name!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# sample()
+# --------------------------------------------------------------------------------------------
 
 
 def _check(model: nn.Module, noise: Tensor, y: Tensor | None, cfg_scale: float, sampler: Sampler) -> Tensor | None:
     size = tuple(getattr(model, "image_size", noise.shape[-2:]))
     C = getattr(model, "in_channels", noise.shape[1])
     if noise.dim() != 4 or noise.shape[1] != C or tuple(noise.shape[-2:]) != size:
-        raise ValueError(f"noise must have shape (B, {C}, {size[0]}, {size[1]}) for this model, got {tuple(noise.shape)}")
+        raise ValueError(
+            f"noise must have shape (B, {C}, {size[0]}, {size[1]}) for this model, got {tuple(noise.shape)}"
+        )
+    if noise.is_floating_point() and not bool(torch.isfinite(noise).all()):
+        raise ValueError("noise holds NaN or inf values")
     if sampler.needs_uncertainty and not getattr(model, "predict_uncertainty", False):
         raise ValueError(
             f"sampler {sampler.name!r} needs a model with an uncertainty head (a PFT); "
-            "use 'euler' for models without one"
+            f"use one of {sorted(n for n, c in SAMPLERS.items() if not c.needs_uncertainty)} for models without one"
         )
     if sampler.needs_uncertainty and not getattr(model, "per_patch_time", False):
         raise ValueError(f"sampler {sampler.name!r} needs a model with per-patch times (a PFT)")
@@ -76,10 +196,39 @@ def _check(model: nn.Module, noise: Tensor, y: Tensor | None, cfg_scale: float, 
         y = y.long()
         K = model.num_classes
         if bool(((y < 0) | (y > K)).any()):
-            raise ValueError(f"labels must lie in [0, {K}] ({K} = null class), got min {int(y.min())}, max {int(y.max())}")
+            raise ValueError(
+                f"labels must lie in [0, {K}] ({K} = null class), got min {int(y.min())}, max {int(y.max())}"
+            )
     elif cfg_scale != 1.0:
         raise ValueError("classifier-free guidance (cfg_scale != 1) needs labels y")
     return y
+
+
+def _raise_if_not_finite(
+    guided: GuidedModel, x: Tensor, first_call_of_step: list[int], times: list[float], sampler: Sampler
+) -> None:
+    """One host sync per run: the first call whose network output was NaN/inf, or an overflowed state."""
+    call = guided.first_nonfinite_call()
+    hint = (
+        "check the checkpoint for NaN/inf weights (or a half-precision overflow), and the guidance "
+        f"scale (cfg_scale={guided.cfg_scale:g})"
+    )
+    if call is not None:
+        k = bisect.bisect_right(first_call_of_step, call) - 1
+        raise NonFiniteSampleError(
+            f"sampling with {sampler.name!r} produced non-finite values: the network output of call {call} "
+            f"(step {k}, s = {times[k]:.4g}) holds NaN or inf; {hint}",
+            call=call,
+            step=k,
+        )
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        k = len(first_call_of_step) - 1
+        raise NonFiniteSampleError(
+            f"sampling with {sampler.name!r} produced non-finite values: the state overflowed to inf by the end of "
+            f"step {k}; {hint}",
+            call=None,
+            step=k,
+        )
 
 
 def sample(
@@ -103,21 +252,32 @@ def sample(
     Args:
         model: ``model(x, t, y) -> (v, logvar)``, e.g. a PFT or SiT.
         noise: ``(B, C, H, W)`` standard normal noise.
-        sampler: ``"euler"``, ``"euler_pf"``, ``"dual_loop"``, ``"look_ahead"`` or a sampler object.
-        steps: outer steps ``K`` (default 50 when neither ``nfe`` nor an explicit grid is given).
+        sampler: a name in :data:`~patchforcing.sampling.SAMPLERS` or a sampler object.
+        steps: outer steps ``K``, a positive integer (default 50 when neither ``nfe`` nor an
+            explicit grid is given).
         y: ``(B,)`` long labels; ``None`` samples unconditionally (null class).
-        cfg_scale: classifier-free guidance scale (1 = none).
-        nfe: NFE budget per image instead of ``steps``: the largest ``K`` whose NFE fits.
+        cfg_scale: classifier-free guidance scale, finite and ``>= 0`` (1 = none, 0 = unconditional).
+        nfe: NFE budget per image (a positive integer) instead of ``steps``: the largest ``K``
+            whose NFE fits.
         time_grid: ``"uniform"`` (default), a callable ``K -> grid`` or explicit increasing times.
-        guidance_interval: ``(lo, hi)``: guide only steps starting within it.
+        guidance_interval: ``(lo, hi)`` with ``0 <= lo < hi <= 1``: guide only steps starting within it.
         guide_uncertainty: guide the log-variance like the velocity (default).
         record: keep a :class:`CallRecord` per call (CPU copies) for pictures.
         progress: show a tqdm bar over the steps.
-        **sampler_options: e.g. ``p=0.4``, ``n_inner=4``, ``context_ratio=1.4``.
+        **sampler_options: e.g. ``quantile=0.4`` (in ``[0, 1]``; ``p=`` is a deprecated alias),
+            ``n_inner=4`` (integer ``>= 1``), ``context_ratio=1.4`` (``>= 1``).
     Returns:
         :class:`SampleResult` with ``x``, ``calls``, ``nfe`` (per image), ``steps``, ``grid``.
+    Raises:
+        ValueError: an invalid option (named), before any network call.
+        NonFiniteSampleError: the network produced NaN/inf; names the first call and its step.
     """
     sampler_obj = make_sampler(sampler, **sampler_options)
+    cfg_scale, guidance_interval = check_guidance(cfg_scale, guidance_interval)
+    if steps is not None:
+        steps = _check_count("steps", steps)
+    if nfe is not None:
+        nfe = _check_count("nfe", nfe)
     y = _check(model, noise, y, cfg_scale, sampler_obj)
     guided = GuidedModel(model, y, cfg_scale, guidance_interval, guide_uncertainty)
 
@@ -130,7 +290,7 @@ def sample(
         steps = 50
     grid = make_time_grid(steps, time_grid)
     K = grid.numel() - 1
-    planned_calls, planned_nfe = sampler_obj.plan(grid, guided.guided_at)
+    planned_calls, planned_nfe = plan_run(sampler_obj, grid, guided)
 
     patch = getattr(model, "patch_size", 1)
     num_patches = getattr(model, "num_patches", noise.shape[-2] * noise.shape[-1] // (patch * patch))
@@ -138,10 +298,13 @@ def sample(
     ctx = StepContext(guided, patch, num_patches, recorder)
     x = noise.float() if not noise.is_floating_point() else noise
     times = grid.tolist()
+    first_call_of_step: list[int] = []
     start = time.perf_counter()
     with torch.no_grad():
         for k in tqdm(range(K), desc=f"sampling ({sampler_obj.name})", disable=not progress, leave=False):
+            first_call_of_step.append(guided.calls)
             x = sampler_obj.step(ctx, x, k, times[k], times[k + 1])
+    _raise_if_not_finite(guided, x, first_call_of_step, times, sampler_obj)
     seconds = time.perf_counter() - start
     if (guided.calls, guided.nfe) != (planned_calls, planned_nfe):  # pragma: no cover - internal invariant
         raise RuntimeError(

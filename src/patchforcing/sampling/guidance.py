@@ -3,16 +3,52 @@
 A *call* is one forward pass of the network; the NFE of an image counts a guided call twice
 (the doubled batch: null labels first, then the real ones). Guidance combines **both** outputs:
 ``v = v_u + w (v_c - v_u)`` and, with ``guide_uncertainty``, ``logvar = lv_u + w (lv_c - lv_u)``.
+
+Every call also notes, on the device and without a host sync, whether the network's outputs were
+finite; :meth:`GuidedModel.first_nonfinite_call` reads those notes once, at the end of a run.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Prediction", "GuidedModel"]
+__all__ = ["Prediction", "GuidedModel", "check_guidance"]
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def check_guidance(cfg_scale: Any, guidance_interval: Any) -> tuple[float, tuple[float, float] | None]:
+    """Validate the guidance options; returns ``(cfg_scale, guidance_interval)`` as floats.
+
+    Raises:
+        ValueError: naming the option: ``cfg_scale`` not a finite number >= 0 (0 = unconditional,
+            1 = no guidance), or ``guidance_interval`` not ``(lo, hi)`` with ``0 <= lo < hi <= 1``.
+    """
+    if not _is_number(cfg_scale):
+        raise ValueError(f"cfg_scale must be a number, got {cfg_scale!r}")
+    w = float(cfg_scale)
+    if not (math.isfinite(w) and w >= 0.0):
+        raise ValueError(f"cfg_scale must be a finite number >= 0 (1 = no guidance), got {w}")
+    if guidance_interval is None:
+        return w, None
+    try:
+        lo, hi = guidance_interval
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance_interval must be a pair (lo, hi), got {guidance_interval!r}") from None
+    if not (_is_number(lo) and _is_number(hi)):
+        raise ValueError(f"guidance_interval must hold two numbers, got {guidance_interval!r}")
+    lo, hi = float(lo), float(hi)
+    if not (0.0 <= lo < hi <= 1.0):
+        raise ValueError(f"guidance_interval (lo, hi) needs 0 <= lo < hi <= 1, got ({lo}, {hi})")
+    return w, (lo, hi)
 
 
 @dataclass
@@ -53,11 +89,11 @@ class GuidedModel:
     ):
         self.model = model
         self.y = y
-        self.cfg_scale = float(cfg_scale)
-        self.guidance_interval = guidance_interval
+        self.cfg_scale, self.guidance_interval = check_guidance(cfg_scale, guidance_interval)
         self.guide_uncertainty = guide_uncertainty
         self.calls = 0
         self.nfe = 0
+        self._finite: list[Tensor] = []  # per call: 0-dim bool, all outputs finite (on the device)
         self._y_doubled: Tensor | None = None
         if y is not None and self.cfg_scale != 1.0:
             null = torch.full_like(y, model.num_classes)
@@ -72,6 +108,16 @@ class GuidedModel:
         lo, hi = self.guidance_interval
         return lo <= s <= hi
 
+    def guidance_breakpoints(self) -> tuple[float, ...] | None:
+        """The times at which :meth:`guided_at` may change value (it is constant between them):
+        the interval's ends, ``()`` when guidance is on everywhere or nowhere, ``None`` when
+        unknown (a subclass overriding ``guided_at``)."""
+        if type(self).guided_at is not GuidedModel.guided_at:
+            return None
+        if self._y_doubled is None or self.guidance_interval is None:
+            return ()
+        return tuple(self.guidance_interval)
+
     def __call__(self, x: Tensor, t: Tensor, s: float) -> Prediction:
         """Evaluate at state ``x`` ``(B, C, H, W)`` and times ``t`` ``(B,)`` or ``(B, N)``.
 
@@ -81,12 +127,14 @@ class GuidedModel:
         if not self.guided_at(s):
             self.nfe += 1
             v, logvar = self.model(x, t, self.y)
+            self._note_finite(v, logvar)
             v = v.to(x.dtype)
             logvar = None if logvar is None else logvar.to(x.dtype)
             return Prediction(v, logvar, v)
         self.nfe += 2
         w = self.cfg_scale
         v2, lv2 = self.model(torch.cat([x, x]), torch.cat([t, t]), self._y_doubled)
+        self._note_finite(v2, lv2)
         v_u, v_c = v2.to(x.dtype).chunk(2)
         v = v_u + w * (v_c - v_u)
         logvar = None
@@ -94,3 +142,20 @@ class GuidedModel:
             lv_u, lv_c = lv2.to(x.dtype).chunk(2)
             logvar = lv_u + w * (lv_c - lv_u) if self.guide_uncertainty else lv_c
         return Prediction(v, logvar, v_c)
+
+    def _note_finite(self, v: Tensor, logvar: Tensor | None) -> None:
+        ok = torch.isfinite(v).all()
+        if logvar is not None:
+            ok = ok & torch.isfinite(logvar).all()
+        self._finite.append(ok)
+
+    def first_nonfinite_call(self) -> int | None:
+        """Index of the first call whose network output held a NaN or inf (``None``: none did).
+
+        One host sync for the whole run."""
+        if not self._finite:
+            return None
+        ok = torch.stack(self._finite)
+        if bool(ok.all()):
+            return None
+        return int((~ok).nonzero()[0, 0])

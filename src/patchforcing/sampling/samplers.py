@@ -1,4 +1,4 @@
-"""ODE integrators: ``euler``, ``euler_pf``, ``dual_loop`` and ``look_ahead`` (method.md section 4).
+"""ODE integrators: ``euler``, ``euler_pf``, ``dual_loop`` and ``look_ahead`` (docs/method.md section 4).
 
 Every sampler integrates ``dx/dt = v(x, t)`` over an increasing time grid
 ``s_0 < s_1 < ... < s_K`` (t = 0 noise, t = 1 data) and only talks to the network through a
@@ -6,15 +6,20 @@ Every sampler integrates ``dx/dt = v(x, t)`` over an increasing time grid
 will make (:meth:`Sampler.calls_per_step`), so the NFE of a run is known before it starts and a
 step count can be chosen to fit an NFE budget.
 
-Difficulty map: ``exp(logvar)`` averaged over each ``p x p`` patch; the *certain* patches are
-those strictly below the per-image ``q``-quantile (linear, float64) of the per-pixel map in
-which each patch value is repeated ``p * p`` times (:func:`certain_mask`).
+Difficulty map: ``exp(logvar)`` averaged over each ``p x p`` patch (``p``: the patch size); the
+*certain* patches are those strictly below the per-image ``quantile`` (linear, float64) of the
+per-pixel map in which each patch value is repeated ``p * p`` times (:func:`certain_mask`). The
+samplers' option is ``quantile=`` (the paper's ``p``); ``p=`` is accepted as a deprecated alias.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -33,6 +38,7 @@ __all__ = [
     "certain_mask",
     "make_sampler",
     "make_time_grid",
+    "resolve_quantile_alias",
 ]
 
 
@@ -75,7 +81,7 @@ def certain_mask(logvar: Tensor, q: float, patch_size: int) -> Tensor:
 
     Args:
         logvar: ``(B, 1, H, W)`` log-variance.
-        q: quantile in ``[0, 1]`` (the samplers' ``p``; 0.4 marks 102 of 256 distinct patches).
+        q: quantile in ``[0, 1]`` (the samplers' ``quantile``; 0.4 marks 102 of 256 distinct patches).
         patch_size: ``p`` of the model (pooling cell).
     Returns:
         ``(B, N)`` bool, True = certain.
@@ -123,8 +129,9 @@ class _Recorder:
         self.num_patches = num_patches
         self.items: list[CallRecord] = []
 
-    def add(self, step: int, s: float, s_next: float, t: Tensor, x: Tensor, pred: Prediction,
-            mask: Tensor | None) -> None:
+    def add(
+        self, step: int, s: float, s_next: float, t: Tensor, x: Tensor, pred: Prediction, mask: Tensor | None
+    ) -> None:
         if not self.enabled:
             return
         B = x.shape[0]
@@ -183,6 +190,14 @@ class Sampler:
         """Number of network calls made by a step starting at ``s``."""
         return 1
 
+    def cost_breakpoints(self) -> tuple[float, ...] | None:
+        """The times at which :meth:`calls_per_step` may change value (it is constant between
+        them), or ``None`` when unknown (a subclass that overrides ``calls_per_step`` only).
+        Lets :func:`~patchforcing.sampling.steps_for_nfe` fit a budget with a few plans."""
+        if type(self).calls_per_step is Sampler.calls_per_step:
+            return ()
+        return None
+
     def plan(self, grid: Tensor, guided_at: Callable[[float], bool]) -> tuple[int, int]:
         """``(calls, nfe per image)`` of a run over ``grid`` (exact; no network call)."""
         calls = nfe = 0
@@ -215,21 +230,70 @@ class Euler(Sampler):
         return None
 
 
+def _check_quantile(name: str, q: Any) -> None:
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 <= q <= 1.0:
+        raise ValueError(f"{name}: quantile must be a number in [0, 1], got {q!r}")
+
+
+def resolve_quantile_alias(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the deprecated ``p`` renamed to ``quantile`` (with a DeprecationWarning);
+    ``ValueError`` when both are given."""
+    if "p" not in options:
+        return options
+    options = dict(options)
+    if "quantile" in options:
+        raise ValueError(f"{name}: give quantile= or its deprecated alias p=, not both")
+    warnings.warn(
+        f"{name}: the option p= is deprecated (p is the patch size elsewhere); use quantile=",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    options["quantile"] = options.pop("p")
+    return options
+
+
+class _QuantileOption:
+    """Mixin of the samplers with a difficulty mask: the ``p`` alias of ``quantile``."""
+
+    @property
+    def p(self) -> float:
+        """Deprecated alias of ``quantile``."""
+        warnings.warn("the sampler attribute p is deprecated; use quantile", DeprecationWarning, stacklevel=2)
+        return self.quantile  # type: ignore[attr-defined]
+
+
+def _accept_p_alias(cls: type) -> type:
+    """Let the dataclass constructor take ``p=`` as a deprecated alias of ``quantile=``."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **resolve_quantile_alias(cls.name, kwargs))
+
+    cls.__init__ = __init__
+    return cls
+
+
+@_accept_p_alias
 @dataclass(frozen=True)
-class EulerPF(Euler):
-    """Euler on a PFT (all patches share the time); records the difficulty mask at quantile ``p``."""
+class EulerPF(_QuantileOption, Euler):
+    """Euler on a PFT (all patches share the time); records the difficulty mask at ``quantile``."""
 
     name: ClassVar[str] = "euler_pf"
-    p: float = 0.4
+    quantile: float = 0.4
+
+    def __post_init__(self) -> None:
+        _check_quantile(self.name, self.quantile)
 
     def _record_mask(self, ctx: StepContext, pred: Prediction) -> Tensor | None:
         if not ctx.recorder.enabled or pred.logvar is None:
             return None
-        return certain_mask(pred.logvar, self.p, ctx.patch_size)
+        return certain_mask(pred.logvar, self.quantile, ctx.patch_size)
 
 
+@_accept_p_alias
 @dataclass(frozen=True)
-class DualLoop(Sampler):
+class DualLoop(_QuantileOption, Sampler):
     """Dual-loop sampler: certain patches take the full step, uncertain ones ``n_inner`` sub-steps.
 
     At outer step ``k`` one call at ``s_k`` gives ``v`` and the mask (fixed for the step).
@@ -241,17 +305,23 @@ class DualLoop(Sampler):
 
     name: ClassVar[str] = "dual_loop"
     needs_uncertainty: ClassVar[bool] = True
-    p: float = 0.4
+    quantile: float = 0.4
     n_inner: int = 4
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.p <= 1.0:
-            raise ValueError(f"dual_loop: p must be in [0, 1], got {self.p}")
-        if int(self.n_inner) != self.n_inner or self.n_inner < 1:
-            raise ValueError(f"dual_loop: n_inner must be an integer >= 1, got {self.n_inner}")
+        _check_quantile(self.name, self.quantile)
+        if (
+            isinstance(self.n_inner, bool)
+            or not isinstance(self.n_inner, (int, float))
+            or (not math.isfinite(self.n_inner) or int(self.n_inner) != self.n_inner or self.n_inner < 1)
+        ):
+            raise ValueError(f"dual_loop: n_inner must be an integer >= 1, got {self.n_inner!r}")
 
     def calls_per_step(self, s: float) -> int:
         return int(self.n_inner)
+
+    def cost_breakpoints(self) -> tuple[float, ...]:
+        return ()
 
     def step(self, ctx: StepContext, x: Tensor, k: int, s: float, s_next: float) -> Tensor:
         n = int(self.n_inner)
@@ -259,7 +329,7 @@ class DualLoop(Sampler):
         inner = delta / n
         t = ctx.full(x, s)
         pred = ctx.model(x, t, s)
-        mask = certain_mask(pred.logvar, self.p, ctx.patch_size)
+        mask = certain_mask(pred.logvar, self.quantile, ctx.patch_size)
         ctx.recorder.add(k, s, s_next, t, x, pred, mask)
         mpix = ctx.pixels(mask, x)
         x = x + torch.where(mpix, delta, inner) * pred.v
@@ -272,8 +342,9 @@ class DualLoop(Sampler):
         return x
 
 
+@_accept_p_alias
 @dataclass(frozen=True)
-class LookAhead(Sampler):
+class LookAhead(_QuantileOption, Sampler):
     """Look-ahead sampler: certain patches are moved ahead to give the uncertain ones context.
 
     One call at ``s_k`` gives the guided ``v``, the conditional ``v_c`` and the mask. While
@@ -285,18 +356,30 @@ class LookAhead(Sampler):
 
     name: ClassVar[str] = "look_ahead"
     needs_uncertainty: ClassVar[bool] = True
-    p: float = 0.4
+    quantile: float = 0.4
     context_ratio: float = 1.4
     early_t: float = 0.05
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.p <= 1.0:
-            raise ValueError(f"look_ahead: p must be in [0, 1], got {self.p}")
-        if self.context_ratio < 1.0:
-            raise ValueError(f"look_ahead: context_ratio must be >= 1, got {self.context_ratio}")
+        _check_quantile(self.name, self.quantile)
+        if (
+            isinstance(self.context_ratio, bool)
+            or not isinstance(self.context_ratio, (int, float))
+            or not (math.isfinite(self.context_ratio) and self.context_ratio >= 1.0)
+        ):
+            raise ValueError(f"look_ahead: context_ratio must be a finite number >= 1, got {self.context_ratio!r}")
+        if (
+            isinstance(self.early_t, bool)
+            or not isinstance(self.early_t, (int, float))
+            or not math.isfinite(self.early_t)
+        ):
+            raise ValueError(f"look_ahead: early_t must be a finite number, got {self.early_t!r}")
 
     def calls_per_step(self, s: float) -> int:
         return 1 if s <= self.early_t else 2
+
+    def cost_breakpoints(self) -> tuple[float, ...]:
+        return (float(self.early_t),)
 
     def step(self, ctx: StepContext, x: Tensor, k: int, s: float, s_next: float) -> Tensor:
         delta = s_next - s
@@ -305,11 +388,11 @@ class LookAhead(Sampler):
         if s <= self.early_t:
             ctx.recorder.add(k, s, s_next, t, x, pred, None)
             return x + delta * pred.v_cond
-        mask = certain_mask(pred.logvar, self.p, ctx.patch_size)
+        mask = certain_mask(pred.logvar, self.quantile, ctx.patch_size)
         ctx.recorder.add(k, s, s_next, t, x, pred, mask)
         mpix = ctx.pixels(mask, x)
         s_ctx = min(self.context_ratio * s, 1.0)
-        x_ctx = torch.where(mpix, x + (s_ctx - s) * pred.v_cond, x)
+        x_ctx = torch.where(mpix, x + (s_ctx - s) * pred.v_cond, x)  # context from the conditional velocity
         t_ctx = torch.where(mask, s_ctx, s).to(x.dtype)  # (B, N)
         pred_ctx = ctx.model(x_ctx, t_ctx, s)
         ctx.recorder.add(k, s, s_next, t_ctx, x_ctx, pred_ctx, mask)
@@ -319,8 +402,13 @@ class LookAhead(Sampler):
 SAMPLERS: dict[str, type[Sampler]] = {c.name: c for c in (Euler, EulerPF, DualLoop, LookAhead)}
 
 
-def make_sampler(name: str, **options: Any) -> Sampler:
-    """A sampler by name with its options, e.g. ``make_sampler("dual_loop", p=0.4, n_inner=4)``."""
+def make_sampler(name: str | Sampler, **options: Any) -> Sampler:
+    """A sampler by name with its options, e.g. ``make_sampler("dual_loop", quantile=0.4, n_inner=4)``
+    (``p=`` is a deprecated alias of ``quantile=``).
+
+    Raises:
+        ValueError: an unknown sampler, an option it does not take, or an invalid option value.
+    """
     if isinstance(name, Sampler):
         if options:
             raise ValueError("options cannot be combined with a sampler object")
@@ -329,9 +417,9 @@ def make_sampler(name: str, **options: Any) -> Sampler:
     if cls is None:
         raise ValueError(f"unknown sampler {name!r}; available: {sorted(SAMPLERS)}")
     valid = {f.name for f in fields(cls)}
+    if "quantile" in valid:
+        options = resolve_quantile_alias(name, options)
     bad = sorted(set(options) - valid)
     if bad:
-        raise ValueError(
-            f"sampler {name!r} does not take option(s) {bad}; its options are {sorted(valid) or 'none'}"
-        )
+        raise ValueError(f"sampler {name!r} does not take option(s) {bad}; its options are {sorted(valid) or 'none'}")
     return cls(**options)

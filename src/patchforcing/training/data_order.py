@@ -10,7 +10,7 @@ exactly the same examples in the same steps.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -23,8 +23,7 @@ def micro_batch_size(global_batch: int, world_size: int, grad_accum: int) -> int
     denom = world_size * grad_accum
     if global_batch % denom:
         raise ValueError(
-            f"global batch {global_batch} is not divisible by world_size x grad_accum = "
-            f"{world_size} x {grad_accum}"
+            f"global batch {global_batch} is not divisible by world_size x grad_accum = {world_size} x {grad_accum}"
         )
     return global_batch // denom
 
@@ -41,8 +40,17 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
         start_step, max_steps: the optimiser steps to cover.
     """
 
-    def __init__(self, num_items: int, global_batch: int, world_size: int, rank: int, grad_accum: int,
-                 seed: int, start_step: int, max_steps: int):
+    def __init__(
+        self,
+        num_items: int,
+        global_batch: int,
+        world_size: int,
+        rank: int,
+        grad_accum: int,
+        seed: int,
+        start_step: int,
+        max_steps: int,
+    ):
         self.local = micro_batch_size(global_batch, world_size, grad_accum)
         if num_items < global_batch:
             raise ValueError(f"the data set has {num_items} items, fewer than one global batch ({global_batch})")

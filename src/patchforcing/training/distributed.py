@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from ..utils.devices import resolve_device, torchrun_env
 
 __all__ = ["DistEnv", "init_distributed", "shutdown_distributed", "all_reduce_mean", "any_rank"]
 
@@ -29,28 +30,19 @@ class DistEnv:
         return self.world_size > 1
 
 
-def _pick_device(pref: str, local_rank: int) -> torch.device:
-    if pref == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(pref)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {pref!r} requested but CUDA is not available")
-        if dev.index is None:
-            dev = torch.device(f"cuda:{local_rank}")
-    return dev
-
-
 def init_distributed(device: str = "auto") -> DistEnv:
     """Read torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and join the group.
 
     Without those variables (a plain ``patchforcing train``), a single process on ``device``.
     Multi-node safe: the device index comes from ``LOCAL_RANK``, never from ``RANK``.
+
+    Raises:
+        DeviceError: ``device`` does not parse or names hardware this machine lacks, or a
+            torchrun variable is not an integer (:func:`patchforcing.utils.devices.resolve_device`).
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = _pick_device(device, local_rank)
+    te = torchrun_env()
+    world, rank, local_rank = te.world_size, te.rank, te.local_rank
+    dev = resolve_device(device, local_rank)
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)

@@ -14,7 +14,7 @@ def ema_decay(step: int, decay: float, warmup: bool = True) -> float:
     """Decay used at optimiser step ``step`` (0-based).
 
     With ``warmup``, ``min(decay, (1 + step) / (10 + step))``: the average forgets the
-    zero-output initialisation quickly in short runs (method.md section 3).
+    zero-output initialisation quickly in short runs (docs/method.md section 3).
     """
     return min(decay, (1.0 + step) / (10.0 + step)) if warmup else decay
 

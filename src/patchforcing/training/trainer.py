@@ -15,11 +15,13 @@ import math
 import os
 import random
 import signal
+import threading
 import time
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,21 +30,36 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..checkpoints import TRAIN_FORMAT, safe_torch_load, torch_save_atomic
+from ..autoencoders import load_autoencoder
+from ..checkpoints import TRAIN_FORMAT, CheckpointError, load_state_dict_strict, safe_torch_load
 from ..data import build_dataset
 from ..flow.loss import patch_flow_loss, segment_losses
 from ..flow.timesteps import make_timestep_sampler
+from ..latents import build_latent_dataset, build_online_dataset
 from ..models import PatchForcingTransformer, create_model
 from ..sampling import sample
+from ..utils.io import RunLock, RunLockedError, atomic_write, clean_temp_files, ensure_writable_dir, torch_save_atomic
+from ..viz import save_grid
 from .config import RESUME_SAFE_KEYS, ExperimentConfig, config_from_dict, config_to_dict, diff_configs, save_config
 from .data_order import EpochIndexed, StepBatchSampler, micro_batch_size
 from .distributed import DistEnv, all_reduce_mean, any_rank, init_distributed, shutdown_distributed
 from .ema import EMA
 
-__all__ = ["Trainer", "TrainResult", "TrainingError", "NonFiniteLossError", "train", "build_model_for"]
+__all__ = [
+    "Trainer",
+    "TrainResult",
+    "TrainingError",
+    "NonFiniteLossError",
+    "train",
+    "build_model_for",
+    "lr_factor",
+    "apply_label_dropout",
+    "step_generator",
+]
 
-CSV_COLUMNS = ["step", "loss", "fm", "nll", "grad_norm", "lr", "ema_decay", "images_per_sec",
-               "val_loss"] + [f"val_seg{j}" for j in range(8)]
+CSV_COLUMNS = ["step", "loss", "fm", "nll", "grad_norm", "lr", "ema_decay", "images_per_sec", "val_loss"] + [
+    f"val_seg{j}" for j in range(8)
+]
 
 
 class TrainingError(RuntimeError):
@@ -101,8 +118,6 @@ def build_data(cfg: ExperimentConfig) -> Dataset:
     """The data set of a config (images in [-1, 1], NCHW)."""
     d = cfg.data
     if d.kind == "latents":
-        from ..latents import build_latent_dataset  # the latent pipeline
-
         return build_latent_dataset(d, cfg.autoencoder)
     spec: dict[str, Any] = {"kind": d.kind, "resolution": d.resolution, "seed": d.seed}
     if d.kind == "synthetic":
@@ -114,8 +129,6 @@ def build_data(cfg: ExperimentConfig) -> Dataset:
         if d.num_classes is not None:
             spec["num_classes"] = d.num_classes
     if cfg.autoencoder.online:  # images encoded by the VAE in the loop
-        from ..latents import build_online_dataset
-
         return build_online_dataset(build_dataset(spec), cfg.autoencoder, seed=d.seed, device=cfg.train.device)
     return build_dataset(spec)
 
@@ -124,12 +137,40 @@ def build_model_for(cfg: ExperimentConfig, dataset: Dataset | None = None) -> Pa
     """The model of a config; sizes the config leaves open come from the data set."""
     m = cfg.model
     overrides = m.preset_overrides()
-    input_size = m.input_size or getattr(dataset, "input_size", None) or getattr(dataset, "resolution", None) or cfg.data.resolution
+    input_size = (
+        m.input_size
+        or getattr(dataset, "input_size", None)
+        or getattr(dataset, "resolution", None)
+        or cfg.data.resolution
+    )
     in_channels = m.in_channels or getattr(dataset, "channels", None) or 3
     num_classes = m.num_classes if m.num_classes is not None else getattr(dataset, "num_classes", None)
     if num_classes is None:
         raise TrainingError("model.num_classes is not set and the data set does not say how many classes it has")
     return create_model(m.name, input_size=input_size, in_channels=in_channels, num_classes=num_classes, **overrides)
+
+
+def lr_factor(step: int, warmup_steps: int) -> float:
+    """Multiplier of ``optim.lr`` used by optimiser step ``step`` (0-based): linear warm-up
+    ``min(1, (step + 1) / warmup_steps)``, then 1 (``warmup_steps <= 0``: always 1)."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def apply_label_dropout(y: Tensor, p: float, num_classes: int, generator: torch.Generator | None) -> Tensor:
+    """Replace each label by the null class ``num_classes`` with probability ``p`` (CFG training).
+
+    Draws one ``torch.rand(y.shape)`` from ``generator`` (nothing when ``p <= 0`` or the model is
+    unconditional, ``num_classes == 0``); label ``i`` is dropped where that draw is ``< p``.
+
+    Args:
+        y: ``(B,)`` long labels in ``[0, num_classes)``.
+    Returns:
+        ``(B,)`` long labels in ``[0, num_classes]``.
+    """
+    if p <= 0 or num_classes <= 0:
+        return y
+    drop = torch.rand(y.shape, generator=generator, device=y.device) < p
+    return torch.where(drop, torch.full_like(y, num_classes), y)
 
 
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
@@ -144,8 +185,13 @@ def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"kind": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "numpy": {
+            "kind": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -161,6 +207,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+_RESUME_KEYS = ("config", "step", "model", "ema", "optimizer", "scheduler", "rng")
 
 
 class _ModelView:
@@ -194,8 +243,14 @@ class Trainer:
             default: the data's autoencoder (latent data sets carry its spec), loaded on rank 0.
     """
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: str | os.PathLike, resume: bool = False,
-                 env: DistEnv | None = None, decode: Callable[[Tensor], Tensor] | None = None):
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        run_dir: str | os.PathLike,
+        resume: bool = False,
+        env: DistEnv | None = None,
+        decode: Callable[[Tensor], Tensor] | None = None,
+    ):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -203,8 +258,53 @@ class Trainer:
         self.device = self.env.device
         self.decode = decode
         self.stop_requested = False
-        self._on_step_end: list[Callable[["Trainer", int], None]] = []
+        self._on_step_end: list[Callable[[Trainer, int], None]] = []
+        self._lock: RunLock | None = None
+        if self.env.is_main:
+            self._claim_run_dir(resume)
+        try:
+            self._build(resume)
+        except BaseException:
+            self._release_lock()
+            raise
 
+    def _claim_run_dir(self, resume: bool) -> None:
+        """Rank 0, before any data or model is built: the run directory is writable, no other
+        process writes it (a lock held until :meth:`close` or the process's death), a fresh run
+        does not overwrite an old one, and temp files of a killed write are gone."""
+        try:
+            ensure_writable_dir(self.run_dir, "run directory")
+        except OSError as e:
+            raise TrainingError(str(e)) from None
+        try:
+            self._lock = RunLock(self.run_dir).acquire()
+        except RunLockedError as e:
+            raise TrainingError(f"another training process is writing this run: {e}") from None
+        try:
+            if not resume:
+                held = [n for n in ("config.yaml", "metrics.csv", "checkpoints") if (self.run_dir / n).exists()]
+                if held:
+                    how = (
+                        "pass --resume to continue it"
+                        if (self.ckpt_dir / "last.pt").exists()
+                        else "it has no checkpoint to --resume from yet: remove it"
+                    )
+                    raise TrainingError(
+                        f"{self.run_dir} already holds a run ({', '.join(held)}); {how} or choose another --out"
+                    )
+            clean_temp_files(self.ckpt_dir)
+            clean_temp_files(self.run_dir)
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _build(self, resume: bool) -> None:
+        cfg = self.cfg
         tc, oc = cfg.train, cfg.optim
         self.micro_batch = micro_batch_size(oc.batch_size, self.env.world_size, oc.grad_accum)
         self.precision = tc.precision
@@ -215,8 +315,6 @@ class Trainer:
         spec = getattr(data, "autoencoder_spec", None)  # latent data: the VAE that decodes it
         self.autoencoder_spec = spec.to_dict() if spec is not None else None
         if self.decode is None and spec is not None and spec.kind != "identity" and self.env.is_main:
-            from ..autoencoders import load_autoencoder
-
             self.decode = load_autoencoder(spec, device=self.device)
         self.train_data, self.val_data = split_train_val(data, cfg.data.val_size)
         with torch.random.fork_rng(devices=[]):  # the initial weights depend on train.seed only
@@ -225,11 +323,11 @@ class Trainer:
         self.num_classes = self.model.num_classes
         self.ema = EMA(self.model, cfg.ema.decay, cfg.ema.warmup)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps,
-                                           weight_decay=oc.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            params, lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps, weight_decay=oc.weight_decay
+        )
         warmup = max(0, oc.warmup_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda k: min(1.0, (k + 1) / warmup) if warmup else 1.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda k: lr_factor(k, warmup))
         self.timestep_sampler = make_timestep_sampler(cfg.objective.timestep_sampler, **cfg.objective.timestep_options)
         forward: Callable = self.model
         if tc.compile:
@@ -244,8 +342,6 @@ class Trainer:
         self.step = 0
         if resume:
             self._resume()
-        elif self.env.is_main and (self.ckpt_dir / "last.pt").exists():
-            raise TrainingError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --out")
 
     # ---- checkpoints ------------------------------------------------------------------------
 
@@ -260,8 +356,11 @@ class Trainer:
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "data_position": {"step": self.step, "consumed_samples": self.step * self.cfg.optim.batch_size,
-                              "global_batch": self.cfg.optim.batch_size},
+            "data_position": {
+                "step": self.step,
+                "consumed_samples": self.step * self.cfg.optim.batch_size,
+                "global_batch": self.cfg.optim.batch_size,
+            },
             "rng": rng_state(),
             "world_size": self.env.world_size,
             "autoencoder": self.autoencoder_spec,
@@ -290,21 +389,48 @@ class Trainer:
         last = self.ckpt_dir / "last.pt"
         if not last.exists():
             raise TrainingError(f"--resume: no checkpoint at {last}")
-        state = safe_torch_load(last, map_location="cpu")
-        saved_cfg = config_from_dict(state["config"])
+        try:
+            state = safe_torch_load(last, map_location="cpu")
+        except CheckpointError as e:
+            raise TrainingError(f"--resume: {e}") from None
+        if not isinstance(state, Mapping) or state.get("format") != TRAIN_FORMAT:
+            found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
+            keys = sorted(map(str, state))[:8] if isinstance(state, Mapping) else []
+            raise TrainingError(
+                f"--resume: {last} is not a patchforcing training checkpoint (format {found!r}, expected "
+                f"{TRAIN_FORMAT!r}; top-level keys {keys}). A released or exported model cannot be resumed; "
+                "start a fresh run in another --out (fine-tuning from weights is not supported by --resume)"
+            )
+        missing = [k for k in _RESUME_KEYS if k not in state]
+        if missing:
+            raise TrainingError(f"--resume: {last} is an incomplete training checkpoint (missing {missing})")
+        try:
+            saved_cfg = config_from_dict(state["config"])
+        except ValueError as e:  # ConfigError
+            raise TrainingError(f"--resume: the config stored in {last} is not valid: {e}") from None
         diffs = diff_configs(saved_cfg, self.cfg, ignore=RESUME_SAFE_KEYS)
         if diffs:
             lines = "\n  ".join(f"{k}: run has {a!r}, now {b!r}" for k, a, b in diffs)
             raise TrainingError(f"cannot resume {self.run_dir}: the config differs in\n  {lines}")
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        try:
+            load_state_dict_strict(self.model, state["model"], f"{last} [model]")
+            load_state_dict_strict(self.ema.model, state["ema"], f"{last} [ema]")
+        except CheckpointError as e:
+            raise TrainingError(f"--resume: {e}") from None
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise TrainingError(
+                f"--resume: the optimizer/scheduler state in {last} does not fit this model: {e}"
+            ) from None
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         if state.get("world_size", 1) != self.env.world_size and self.env.is_main:
-            print(f"note: resuming a {state.get('world_size')}-process run on {self.env.world_size} processes: "
-                  "the data order is kept, per-rank noise differs from an uninterrupted run")
+            print(
+                f"note: resuming a {state.get('world_size')}-process run on {self.env.world_size} processes: "
+                "the data order is kept, per-rank noise differs from an uninterrupted run"
+            )
 
     # ---- evaluation hooks ---------------------------------------------------------------------
 
@@ -320,7 +446,6 @@ class Trainer:
         noise = torch.randn(n, model.in_channels, *model.image_size, generator=g, device=self.device)
         y = torch.arange(n, device=self.device) % max(1, self.num_classes) if self.num_classes > 0 else None
         res = sample(model, noise, sc.sampler, sc.steps, y=y, cfg_scale=sc.cfg_scale, **sc.options)
-        from ..viz import save_grid
 
         path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
         save_grid(self._to_images(res.x), path, nrow=int(math.ceil(math.sqrt(n))))
@@ -344,7 +469,7 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------
 
-    def add_step_callback(self, fn: Callable[["Trainer", int], None]) -> None:
+    def add_step_callback(self, fn: Callable[[Trainer, int], None]) -> None:
         """Call ``fn(trainer, step)`` after every optimiser step (e.g. to request a stop)."""
         self._on_step_end.append(fn)
 
@@ -358,35 +483,78 @@ class Trainer:
         return nullcontext()
 
     def _loader(self) -> DataLoader:
-        sampler = StepBatchSampler(len(self.train_data), self.cfg.optim.batch_size, self.env.world_size,
-                                   self.env.rank, self.cfg.optim.grad_accum, self.cfg.data.seed,
-                                   self.step, self.cfg.train.max_steps)
+        sampler = StepBatchSampler(
+            len(self.train_data),
+            self.cfg.optim.batch_size,
+            self.env.world_size,
+            self.env.rank,
+            self.cfg.optim.grad_accum,
+            self.cfg.data.seed,
+            self.step,
+            self.cfg.train.max_steps,
+        )
         workers = self.cfg.data.num_workers
-        return DataLoader(EpochIndexed(self.train_data), batch_sampler=sampler, num_workers=workers,
-                          pin_memory=self.device.type == "cuda", persistent_workers=False,
-                          prefetch_factor=4 if workers > 0 else None)
+        return DataLoader(
+            EpochIndexed(self.train_data),
+            batch_sampler=sampler,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+            prefetch_factor=4 if workers > 0 else None,
+        )
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate optimiser step ``step`` (0-based) uses."""
+        return self.cfg.optim.lr * lr_factor(step, max(0, self.cfg.optim.warmup_steps))
 
     def _train_step(self, batches) -> dict[str, Tensor]:
+        """Forward/backward of one optimiser step's micro-batches ``[(x, y), ...]`` (``grad_accum``
+        of them): leaves the gradient of the mean loss in ``.grad``; returns the mean ``loss``,
+        ``fm`` and ``nll`` (scalars, this rank)."""
         cfg = self.cfg
         g = step_generator(cfg.train.seed, self.step, self.env.rank, self.device)
         accum = cfg.optim.grad_accum
-        totals = {"loss": torch.zeros((), device=self.device), "fm": torch.zeros((), device=self.device),
-                  "nll": torch.zeros((), device=self.device)}
+        totals = {
+            "loss": torch.zeros((), device=self.device),
+            "fm": torch.zeros((), device=self.device),
+            "nll": torch.zeros((), device=self.device),
+        }
         self.optimizer.zero_grad(set_to_none=True)
         for m, (x, y) in enumerate(batches):
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True).long()
-            if cfg.objective.label_dropout > 0 and self.num_classes > 0:
-                drop = torch.rand(y.shape, generator=g, device=self.device) < cfg.objective.label_dropout
-                y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+            y = apply_label_dropout(y, cfg.objective.label_dropout, self.num_classes, g)
             sync = self.ddp is not None and m < accum - 1
-            with (self.ddp.no_sync() if sync else nullcontext()), self._autocast():
-                terms = patch_flow_loss(self.forward, x, y, timestep_sampler=self.timestep_sampler,
-                                        uncertainty_weight=cfg.objective.uncertainty_weight, generator=g)
+            with self.ddp.no_sync() if sync else nullcontext(), self._autocast():
+                terms = patch_flow_loss(
+                    self.forward,
+                    x,
+                    y,
+                    timestep_sampler=self.timestep_sampler,
+                    uncertainty_weight=cfg.objective.uncertainty_weight,
+                    generator=g,
+                )
             (terms["loss"] / accum).backward()
             for k in totals:
                 totals[k] += terms[k].detach().float() / accum
         return totals
+
+    def _apply_gradients(self) -> tuple[Tensor, float, float]:
+        """Clip, take the optimiser and scheduler step, update the EMA, advance ``self.step``.
+
+        Returns:
+            ``(grad_norm, lr, ema_decay)``: the total L2 gradient norm before clipping, the
+            learning rate and the EMA decay this step used.
+        """
+        clip = self.cfg.optim.grad_clip
+        # grad_clip <= 0: off (an infinite bound measures the norm and leaves the gradients alone)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        decay = self.ema.update(self.model, self.step)
+        self.step += 1
+        return grad_norm, lr, decay
 
     def fit(self) -> TrainResult:
         """Run until ``train.max_steps`` (or a stop request); returns where things are."""
@@ -394,13 +562,18 @@ class Trainer:
         tc = cfg.train
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+            atomic_write(self.run_dir / "config.yaml", lambda tmp: save_config(cfg, tmp))
         csv_file, writer, tb = self._open_logs() if env.is_main else (None, None, None)
         handlers = self._install_signal_handlers()
         last_ckpt: Path | None = self.ckpt_dir / "last.pt" if (self.ckpt_dir / "last.pt").exists() else None
         metrics: dict[str, float] = {}
-        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not (tc.progress and env.is_main),
-                   desc=f"train {cfg.name}", dynamic_ncols=True)
+        bar = tqdm(
+            total=tc.max_steps,
+            initial=self.step,
+            disable=not (tc.progress and env.is_main),
+            desc=f"train {cfg.name}",
+            dynamic_ncols=True,
+        )
         seen, t_last = 0, time.perf_counter()
         try:
             it = iter(self._loader())
@@ -416,12 +589,7 @@ class Trainer:
                         f"checkpoint ({good}) in {self.ckpt_dir} is untouched. Lower optim.lr, raise "
                         "optim.warmup_steps or use train.precision=fp32."
                     )
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-                lr = self.scheduler.get_last_lr()[0]
-                self.optimizer.step()
-                self.scheduler.step()
-                decay = self.ema.update(self.model, self.step)
-                self.step += 1
+                grad_norm, lr, decay = self._apply_gradients()
                 seen += cfg.optim.batch_size
                 bar.update(1)
                 for fn in self._on_step_end:
@@ -432,9 +600,15 @@ class Trainer:
                     now = time.perf_counter()
                     ips = seen / max(now - t_last, 1e-9)
                     seen, t_last = 0, now
-                    row.update(loss=float(loss), fm=float(all_reduce_mean(totals["fm"], env)),
-                               nll=float(all_reduce_mean(totals["nll"], env)), grad_norm=float(grad_norm),
-                               lr=lr, ema_decay=decay, images_per_sec=ips)
+                    row.update(
+                        loss=float(loss),
+                        fm=float(all_reduce_mean(totals["fm"], env)),
+                        nll=float(all_reduce_mean(totals["nll"], env)),
+                        grad_norm=float(grad_norm),
+                        lr=lr,
+                        ema_decay=decay,
+                        images_per_sec=ips,
+                    )
                     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{ips:.0f}")
                 val_every = tc.val_every or tc.sample_every
                 if env.is_main and (self.step % val_every == 0 or self.step == tc.max_steps):
@@ -450,6 +624,8 @@ class Trainer:
                 stop = any_rank(self.stop_requested, env)
                 if self.step % tc.ckpt_every == 0 or self.step == tc.max_steps or stop:
                     last_ckpt = self.save_checkpoint() or last_ckpt
+                    if csv_file is not None:  # the log is durable up to every checkpoint
+                        os.fsync(csv_file.fileno())
                 if stop:
                     break
         finally:
@@ -459,8 +635,13 @@ class Trainer:
                 csv_file.close()
             if tb is not None:
                 tb.close()
-        return TrainResult(self.run_dir, self.step, self.stop_requested and self.step < tc.max_steps,
-                           self.ckpt_dir / "last.pt" if env.is_main else None, metrics)
+        return TrainResult(
+            self.run_dir,
+            self.step,
+            self.stop_requested and self.step < tc.max_steps,
+            self.ckpt_dir / "last.pt" if env.is_main else None,
+            metrics,
+        )
 
     def _last_saved_step(self) -> int:
         try:
@@ -471,15 +652,28 @@ class Trainer:
     # ---- logging & signals --------------------------------------------------------------------
 
     def _open_logs(self):
+        """Open ``metrics.csv`` for appending. The rows up to the resumed step are kept (a crash
+        may have logged beyond it), rewritten atomically first, so a kill at any moment leaves
+        every row that was there; each new row is flushed as it is written."""
         path = self.run_dir / "metrics.csv"
         rows = []
-        if path.exists():  # keep rows up to the resumed step (a crash may have logged beyond it)
+        if path.exists():
             with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= self.step]
-        f = open(path, "w", newline="")
+                rows = [
+                    r
+                    for r in csv.DictReader(f)
+                    if r.get("step") and _int_or_none(r["step"]) is not None and int(r["step"]) <= self.step
+                ]
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as out:
+                w = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(rows)
+
+        atomic_write(path, write)
+        f = open(path, "a", newline="")
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
         tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -497,7 +691,6 @@ class Trainer:
                 tb.add_scalar(tag, v, self.step)
 
     def _install_signal_handlers(self):
-        import threading
 
         if threading.current_thread() is not threading.main_thread():
             return None
@@ -508,8 +701,10 @@ class Trainer:
                 raise KeyboardInterrupt
             self.request_stop()
             if self.env.is_main:
-                tqdm.write(f"received {signal.Signals(signum).name}: finishing step {self.step + 1}, "
-                           "writing a checkpoint, then stopping (press Ctrl-C again to abort)")
+                tqdm.write(
+                    f"received {signal.Signals(signum).name}: finishing step {self.step + 1}, "
+                    "writing a checkpoint, then stopping (press Ctrl-C again to abort)"
+                )
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, handler)
@@ -522,17 +717,30 @@ class Trainer:
                 signal.signal(sig, h)
 
     def close(self) -> None:
-        """Free the models before leaving the process group (gloo may abort otherwise)."""
+        """Free the models before leaving the process group (gloo may abort otherwise); release
+        the run directory's lock."""
         self.ddp = None
         self.forward = None
         self.model = None
         self.ema = None
         self.optimizer = None
+        self._release_lock()
         shutdown_distributed()
 
 
-def train(cfg: ExperimentConfig, run_dir: str | os.PathLike, resume: bool = False,
-          decode: Callable[[Tensor], Tensor] | None = None) -> TrainResult:
+def _int_or_none(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def train(
+    cfg: ExperimentConfig,
+    run_dir: str | os.PathLike,
+    resume: bool = False,
+    decode: Callable[[Tensor], Tensor] | None = None,
+) -> TrainResult:
     """Build a :class:`Trainer`, run it, and shut the process group down cleanly."""
     trainer = Trainer(cfg, run_dir, resume=resume, decode=decode)
     try:

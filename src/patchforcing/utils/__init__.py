@@ -1,0 +1,40 @@
+"""General helpers shared by every domain module: file I/O, seeding, devices and processes.
+
+Nothing here knows about models, objectives or samplers; domain modules import from here, never
+the other way round.
+"""
+
+from .devices import DeviceError, module_device, resolve_device, torchrun_env
+from .io import (
+    RunLock,
+    RunLockedError,
+    atomic_write,
+    clean_temp_files,
+    ensure_writable_dir,
+    is_offline,
+    looks_local,
+    read_json,
+    torch_save_atomic,
+    write_json_atomic,
+)
+from .seeding import hashed_generator, indexed_randn, item_hash
+
+__all__ = [
+    "DeviceError",
+    "RunLock",
+    "RunLockedError",
+    "atomic_write",
+    "clean_temp_files",
+    "ensure_writable_dir",
+    "hashed_generator",
+    "indexed_randn",
+    "is_offline",
+    "item_hash",
+    "looks_local",
+    "module_device",
+    "read_json",
+    "resolve_device",
+    "torch_save_atomic",
+    "torchrun_env",
+    "write_json_atomic",
+]
