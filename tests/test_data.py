@@ -370,3 +370,25 @@ def test_scan_image_files_is_the_one_scanner_of_datasets_and_evaluation(tmp_path
     ds = ImageFolderDataset(tmp_path, 4, flip=False)
     assert [p for p, _ in ds.samples] == want and ds.class_names == ["a", "b"]
     assert open_images(tmp_path)._files == want
+
+
+def test_data_argument_kind(tmp_path):
+    from patchforcing.data import data_argument_kind
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "index.json").write_text("{}")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    cases = {
+        "synthetic": "synthetic",
+        "Shapes": "synthetic",
+        str(store): "latents",
+        str(folder): "folder",
+        "x.npz": "npz",
+        "x.NPY": "npz",
+        "emoji32-pft": "config",
+        "cfg/run.yaml": "config",
+        "some/dir": "unknown",
+    }
+    assert {k: data_argument_kind(k) for k in cases} == cases

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checkpoints import TRAIN_FORMAT, CheckpointError, read_safetensors_metadata, safe_torch_load
+from .checkpoints import TRAIN_FORMAT, find_checkpoint, read_safetensors_metadata, safe_torch_load
 from .utils.hub import HubError, probe_hub_file
 from .utils.io import is_offline, looks_local
 
@@ -523,12 +523,7 @@ def autoencoder_spec_from_checkpoint(source: str | os.PathLike) -> AutoencoderSp
     """
     path = Path(source)
     if path.is_dir():
-        for candidate in ("model.safetensors", "checkpoints/last.pt", "last.pt"):
-            if (path / candidate).is_file():
-                path = path / candidate
-                break
-        else:
-            raise CheckpointError(f"{path} holds no model.safetensors or checkpoints/last.pt")
+        path = find_checkpoint(path)
     if path.suffix == ".safetensors":  # ours (exported)
         return AutoencoderSpec.from_dict(read_safetensors_metadata(path).get("autoencoder"))
     obj = safe_torch_load(path)

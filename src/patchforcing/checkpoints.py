@@ -37,6 +37,7 @@ from .utils.hub import HubError, hub_download
 from .utils.io import atomic_write, ensure_writable_dir, looks_local, torch_save_atomic
 
 __all__ = [
+    "find_checkpoint",
     "CheckpointError",
     "RELEASED_TARGETS",
     "safe_torch_load",
@@ -390,7 +391,10 @@ def _load_safetensors(path: Path) -> PatchForcingTransformer:
     return model
 
 
-def _find_in_dir(path: Path) -> Path:
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """The model file of a directory: ``model.safetensors`` (an export), ``checkpoints/last.pt`` (a run
+    directory) or ``last.pt``, in that order; ``CheckpointError`` when it holds none."""
+    path = Path(path)
     for candidate in ("model.safetensors", "checkpoints/last.pt", "last.pt"):
         if (path / candidate).is_file():
             return path / candidate
@@ -447,7 +451,7 @@ def load_model(
             raise CheckpointError(f"no such checkpoint file or directory: {src}")
         path = _hub_download(src, filename)
     if path.is_dir():
-        path = _find_in_dir(path)
+        path = find_checkpoint(path)
     if path.suffix == ".safetensors":
         model = _load_safetensors(path)
     else:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..data import DataError, SyntheticShapes, build_dataset
+from ..data import DataError, SyntheticShapes, build_dataset, data_argument_kind
 from ..latents import LatentDataset
 from ..training.config import load_config
 from ..training.trainer import build_data, split_train_val
@@ -117,7 +117,8 @@ def resolve_data(
     """
     spec = os.fspath(data)
     p = Path(spec).expanduser()
-    if spec.lower() in ("synthetic", "shapes"):
+    kind = data_argument_kind(spec)
+    if kind == "synthetic":
         nc = int(model.num_classes) if 1 <= int(getattr(model, "num_classes", 0)) <= 10 else 8
         ds = SyntheticShapes(
             size=_image_resolution(model, autoencoder),
@@ -131,11 +132,10 @@ def resolve_data(
             "data_seed": SYNTHETIC_HELD_OUT_SEED,
             "held_out": f"procedural items of data seed {SYNTHETIC_HELD_OUT_SEED} (the presets train on seed 0)",
         }
-    elif p.is_dir() and (p / "index.json").is_file():
+    elif kind == "latents":
         ds = LatentDataset(p, flip=False, seed=0)
         info = {"kind": "latents", "path": str(p), "held_out": f"the whole latent store {_NOT_HELD_OUT}"}
-    elif p.is_dir() or p.suffix.lower() == ".npz":
-        kind = "folder" if p.is_dir() else "npz"
+    elif kind in ("folder", "npz"):
         ds = build_dataset(
             {"kind": kind, "path": str(p), "resolution": _image_resolution(model, autoencoder), "flip": False}
         )
@@ -144,7 +144,7 @@ def resolve_data(
             "path": str(p),
             "held_out": f"the whole {'folder' if kind == 'folder' else 'file'} {_NOT_HELD_OUT}",
         }
-    elif p.suffix.lower() in (".yaml", ".yml") or (p.suffix == "" and "/" not in spec and os.sep not in spec):
+    elif kind == "config":
         ds, info = _from_config(spec)
     else:
         raise DataError(

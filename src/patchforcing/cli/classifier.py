@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..data import build_dataset
+from ..data import build_dataset, data_argument_kind
 from ..evaluation import EvaluationError, train_classifier
 from ..training.config import load_config
 from .common import check_output_file, positive_int
@@ -48,14 +48,13 @@ def data_spec(args: argparse.Namespace) -> dict:
     spec: dict = {}
     data = args.data
     if data is not None:
-        p = Path(data).expanduser()
-        if data.lower() in ("synthetic", "shapes"):
+        kind = data_argument_kind(data)
+        path = str(Path(data).expanduser())
+        if kind == "synthetic":
             spec["kind"] = "synthetic"
-        elif p.is_dir():
-            spec.update(kind="folder", path=str(p))
-        elif p.suffix.lower() in (".npz", ".npy"):
-            spec.update(kind="npz", path=str(p))
-        elif p.suffix.lower() in (".yaml", ".yml") or (p.suffix == "" and "/" not in data):
+        elif kind in ("folder", "npz"):
+            spec.update(kind=kind, path=path)
+        elif kind == "config":
             d = load_config(data).data
             if d.kind not in ("synthetic", "folder", "npz"):
                 raise EvaluationError(

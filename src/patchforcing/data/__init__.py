@@ -31,6 +31,7 @@ __all__ = [
     "NpzImageDataset",
     "build_dataset",
     "DATASET_KINDS",
+    "data_argument_kind",
     "to_uint8",
     "to_float",
     "composite_on_white",
@@ -54,6 +55,25 @@ DATASET_KINDS: dict[str, str] = {
     "image_folder": "folder",
     "npz": "npz",
 }
+
+
+def data_argument_kind(text: str | os.PathLike) -> str:
+    """What a command-line DATA argument names: ``"synthetic"``, ``"latents"`` (a directory with an
+    ``index.json``), ``"folder"``, ``"npz"`` (``.npz``/``.npy``), ``"config"`` (a ``.yaml`` file or a
+    bare preset name), or ``"unknown"``."""
+    spec = os.fspath(text)
+    p = os.path.expanduser(spec)
+    if spec.lower() in ("synthetic", "shapes"):
+        return "synthetic"
+    if os.path.isdir(p):
+        return "latents" if os.path.isfile(os.path.join(p, "index.json")) else "folder"
+    ext = os.path.splitext(p)[1].lower()
+    if ext in (".npz", ".npy"):
+        return "npz"
+    if ext in (".yaml", ".yml") or (ext == "" and "/" not in spec and os.sep not in spec):
+        return "config"
+    return "unknown"
+
 
 _COMMON = {"kind", "resolution", "seed", "num_classes"}
 _KEYS: dict[str, set[str]] = {
