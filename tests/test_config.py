@@ -173,7 +173,7 @@ def test_preset_contents():
     )
     assert demo.model.name == "PFT-T/4" and demo.model.preset_overrides() == {}
     assert (demo.optim.batch_size, demo.optim.lr, demo.optim.warmup_steps) == (64, 1e-3, 100)
-    assert (demo.ema.decay, demo.ema.warmup, demo.train.precision) == (0.999, True, "bf16")
+    assert (demo.ema.decay, demo.ema.warmup, demo.train.precision) == (0.999, True, "auto")
     assert (demo.train.max_steps, demo.train.ckpt_every, demo.train.sample_every, demo.train.log_every) == (
         1000,
         250,

@@ -280,3 +280,15 @@ def test_indexed_randn_rows_do_not_depend_on_the_batch():
     assert torch.equal(full[3], torch.randn(2, 3, generator=hashed_generator(7, 3, 3)))
     assert not torch.equal(indexed_randn(7, 4, [0], (2, 3))[0], full[0])  # the seed matters
     assert not torch.equal(indexed_randn(8, 3, [0], (2, 3))[0], full[0])  # so does the salt
+
+
+def test_auto_precision_uses_bf16_only_where_it_is_native():
+    from patchforcing.utils.devices import auto_precision, cpu_has_native_bf16
+
+    amx = "processor : 0\nflags : fpu sse avx2 avx512f amx_bf16 amx_tile\n"
+    zen4 = "flags\t\t: fpu avx2 avx512f avx512_bf16\n"
+    avx2 = "flags\t\t: fpu sse avx avx2 fma\n"
+    assert [cpu_has_native_bf16(c) for c in (amx, zen4, avx2, "")] == [True, True, False, False]
+    cpu = torch.device("cpu")
+    assert [auto_precision(cpu, c) for c in (amx, zen4, avx2)] == ["bf16", "bf16", "fp32"]
+    assert auto_precision(torch.device("cuda"), avx2) == "bf16"

@@ -38,6 +38,7 @@ from ..flow.timesteps import make_timestep_sampler
 from ..latents import build_latent_dataset, build_online_dataset
 from ..models import PatchForcingTransformer, create_model
 from ..sampling import sample
+from ..utils.devices import auto_precision
 from ..utils.io import RunLock, RunLockedError, atomic_write, clean_temp_files, ensure_writable_dir, torch_save_atomic
 from ..viz import save_grid
 from .config import RESUME_SAFE_KEYS, ExperimentConfig, config_from_dict, config_to_dict, diff_configs, save_config
@@ -308,8 +309,8 @@ class Trainer:
         tc, oc = cfg.train, cfg.optim
         self.micro_batch = micro_batch_size(oc.batch_size, self.env.world_size, oc.grad_accum)
         self.precision = tc.precision
-        if self.precision == "auto":
-            self.precision = "bf16" if self.device.type == "cuda" else "fp32"
+        if self.precision == "auto":  # bf16 on CUDA and on CPUs with native bf16 units
+            self.precision = auto_precision(self.device)
 
         data = build_data(cfg)
         spec = getattr(data, "autoencoder_spec", None)  # latent data: the VAE that decodes it

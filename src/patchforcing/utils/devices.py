@@ -8,7 +8,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["DeviceError", "TorchrunEnv", "torchrun_env", "resolve_device", "module_device"]
+__all__ = [
+    "DeviceError",
+    "TorchrunEnv",
+    "torchrun_env",
+    "resolve_device",
+    "module_device",
+    "cpu_has_native_bf16",
+    "auto_precision",
+]
+
+#: CPU flags (``/proc/cpuinfo``) of native bf16 matrix units: Intel AMX, AVX-512 BF16 (Intel, AMD Zen 4+)
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 class DeviceError(ValueError):
@@ -82,3 +93,31 @@ def module_device(model: nn.Module) -> torch.device:
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bf16 natively (AMX or AVX-512 BF16 in ``/proc/cpuinfo``'s flags).
+
+    Without such units torch emulates bf16 matmuls on the CPU, several times slower than fp32
+    (see benchmarks/RESULTS.md). ``cpuinfo``: the text to read instead of ``/proc/cpuinfo``.
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:  # not Linux: do not guess
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return any(flag in flags for flag in NATIVE_BF16_FLAGS)
+
+
+def auto_precision(device: torch.device, cpuinfo: str | None = None) -> str:
+    """``"bf16"`` on CUDA and on CPUs with native bf16 units, ``"fp32"`` elsewhere."""
+    if device.type == "cuda":
+        return "bf16"
+    if device.type == "cpu" and cpu_has_native_bf16(cpuinfo):
+        return "bf16"
+    return "fp32"

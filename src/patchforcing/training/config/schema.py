@@ -18,7 +18,8 @@ DATA_KINDS: tuple[str, ...] = ("synthetic", "folder", "npz", "latents")
 _KINDS_WITH_PATH: tuple[str, ...] = ("folder", "npz", "latents")
 #: allowed ``autoencoder.kind`` values (``auto``: from the latents' index or the VAE folder's config)
 AUTOENCODER_CONFIG_KINDS: tuple[str, ...] = ("auto", "kl", "tiny", "identity")
-#: allowed ``train.precision`` values (``auto``: bf16 autocast on CUDA, fp32 otherwise)
+#: allowed ``train.precision`` values (``auto``: bf16 autocast on CUDA and on CPUs with native bf16
+#: units (AMX, AVX-512 BF16), fp32 otherwise)
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 #: allowed ``sample.sampler`` values: the names in :data:`patchforcing.sampling.SAMPLERS`
 SAMPLE_SAMPLERS: tuple[str, ...] = tuple(SAMPLERS)
@@ -168,7 +169,7 @@ class SampleSection:
 
 @dataclass
 class TrainSection:
-    """The loop: step budget, seed, precision (``auto``: bf16 on CUDA, fp32 on CPU), intervals
+    """The loop: step budget, seed, precision (``auto``: bf16 on CUDA and on CPUs with native bf16 units, else fp32), intervals
     (in optimizer steps) of logging, checkpoints (``keep_last`` kept), samples and validation
     (``val_every: null`` = ``sample_every``), device (``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...)."""
 
