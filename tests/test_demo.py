@@ -6,22 +6,25 @@ from patchforcing import demo
 from patchforcing.cli import main
 from patchforcing.demo import DEMO_SAMPLERS, run_demo
 
+# a toy-scale demo: 3 steps of a 1-block model on 300 synthetic images
+TINY_DEMO = [
+    "train.max_steps=3",
+    "model.depth=1",
+    "data.length=300",
+    "data.val_size=16",
+    "optim.batch_size=8",
+    "sample.num=4",
+    "sample.steps=2",
+    "train.progress=false",
+    "train.sample_every=3",
+    "train.precision=fp32",
+]
+
 
 def test_demo_writes_its_folder(tmp_path):
     out = run_demo(
         tmp_path / "demo",
-        [
-            "train.max_steps=3",
-            "model.depth=1",
-            "data.length=300",
-            "data.val_size=16",
-            "optim.batch_size=8",
-            "sample.num=4",
-            "sample.steps=2",
-            "train.progress=false",
-            "train.sample_every=3",
-            "train.precision=fp32",
-        ],
+        TINY_DEMO,
         nfe=6,
         num_eval=24,
         progress=False,
@@ -48,18 +51,7 @@ def test_demo_writes_its_folder(tmp_path):
     # a second call reuses the finished run instead of training again
     again = run_demo(
         tmp_path / "demo",
-        [
-            "train.max_steps=3",
-            "model.depth=1",
-            "data.length=300",
-            "data.val_size=16",
-            "optim.batch_size=8",
-            "sample.num=4",
-            "sample.steps=2",
-            "train.progress=false",
-            "train.sample_every=3",
-            "train.precision=fp32",
-        ],
+        TINY_DEMO,
         nfe=6,
         num_eval=24,
         progress=False,

@@ -40,10 +40,7 @@ USER_ERRORS = (
     TrainingError,
     RunLockedError,
     ValueError,
-    FileNotFoundError,
-    PermissionError,
-    NotADirectoryError,
-    OSError,
+    OSError,  # missing, unwritable or full: FileNotFoundError, PermissionError, ENOSPC, ...
 )
 
 
