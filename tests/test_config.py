@@ -116,20 +116,25 @@ def test_preset_loads_validates_roundtrips(name, tmp_path):
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_model_builds_on_meta(name):
     c = load_config(name)
-    latents = c.data.kind == "latents"
+    latents = c.data.kind == "latents" or c.autoencoder.online
+    text = c.text.encoder is not None
+    cond = {"text_dim": 2048 if "1.2B" in c.model.name else 384} if text else {}
+    if not text:
+        cond["num_classes"] = c.model.num_classes or c.data.num_classes or 1000
     with torch.device("meta"):
         model = pf.create_model(
             c.model.name,
             input_size=c.model.input_size or c.data.resolution // (8 if latents else 1),
-            in_channels=c.model.in_channels or (4 if latents else 3),
-            num_classes=c.model.num_classes or c.data.num_classes or 1000,
+            in_channels=c.model.in_channels or ((32 if text else 4) if latents else 3),
+            **cond,
             **c.model.preset_overrides(),
         )
     assert next(model.parameters()).device.type == "meta"
+    assert model.condition_kind == ("text" if text else "class")
     if name.startswith("imagenet256"):
         assert (model.image_size, model.in_channels, model.num_classes) == ((32, 32), 4, 1000)
         assert model.patch_size == 2 and model.num_patches == 256
-        family, size = name.split("-")[1:]
+        family, size = name.split("-")[1:3]
         expected = {"b": (12, 768, 12), "xl": (28, 1152, 16)}[size]
         assert (model.config.depth, model.config.hidden_size, model.config.num_heads) == expected
         assert model.predict_uncertainty == (family == "pft") == model.per_patch_time
@@ -388,7 +393,7 @@ def test_wrong_types_in_dict():
         (["objective.timestep_sampler=lgt"], "objective.timestep_sampler|ltg|uniform|'lgt'"),
         (["objective.timestep_options.bogus=1"], "objective.timestep_options|bogus"),
         (["sample.sampler=heun"], "sample.sampler|euler, euler_pf, dual_loop, look_ahead|'heun'"),
-        (["autoencoder.kind=vqgan"], "autoencoder.kind|auto, kl, tiny, identity|'vqgan'"),
+        (["autoencoder.kind=vqgan"], "autoencoder.kind|auto, kl, tiny, flux2, identity|'vqgan'"),
         (["autoencoder.online=true"], "autoencoder.online needs autoencoder.source"),
         (["autoencoder.source=vae"], "autoencoder.source is set|pixel space|autoencoder.online=true"),
         (["autoencoder.kind=identity", "autoencoder.source=vae"], "'identity'|takes no source"),
@@ -515,7 +520,19 @@ def test_save_load_equal(tmp_path):
 
 def test_config_to_dict_is_plain():
     d = config_to_dict(load_config("imagenet256-pft-b"))
-    assert list(d) == ["name", "model", "data", "autoencoder", "objective", "optim", "ema", "sample", "train"]
+    assert list(d) == [
+        "name",
+        "model",
+        "data",
+        "autoencoder",
+        "objective",
+        "optim",
+        "ema",
+        "sample",
+        "train",
+        "repa",
+        "text",
+    ]
     assert list(d["optim"]) == [f.name for f in OptimSection.__dataclass_fields__.values()]
     assert list(d["data"]) == list(DataSection.__dataclass_fields__)
 
@@ -687,13 +704,32 @@ def test_choices_come_from_the_registries():
 
 DATA = Path(__file__).resolve().parent / "data"
 
+#: keys added after the legacy files were written, with the defaults an old file must load with
+NEW_KEYS = {
+    ("model", "rope_jitter"): None,
+    ("train", "strategy"): "ddp",
+    ("repa",): config_to_dict(ExperimentConfig())["repa"],
+    ("text",): config_to_dict(ExperimentConfig())["text"],
+}
+
+
+def _without_new_keys(d: dict) -> dict:
+    """``d`` minus :data:`NEW_KEYS`, after checking they hold their defaults."""
+    d = json.loads(json.dumps(d))
+    for path, default in NEW_KEYS.items():
+        parent = d
+        for k in path[:-1]:
+            parent = parent[k]
+        assert parent.pop(path[-1]) == default, path
+    return d
+
 
 def test_legacy_run_config_loads():
     # tests/data/legacy-config.yaml was written by save_config of the hand-written config layer
     # (before OmegaConf); legacy-config.expected.json is what that layer read back from it
     expected = json.loads((DATA / "legacy-config.expected.json").read_text())
     c = load_config(DATA / "legacy-config.yaml")
-    assert config_to_dict(c) == expected
+    assert _without_new_keys(config_to_dict(c)) == expected
     assert c.sample.options == {"p": 0.4, "nested": {"x": [1, 2]}} and c.optim.betas == [0.9, 0.95]
     assert c.autoencoder.latents_std == [1.0, 2.0, 3.0, 4.0] and c.train.val_every == 100
 
@@ -702,7 +738,7 @@ def test_legacy_checkpoint_config_dict_loads():
     # the `config` entry of a training checkpoint is config_to_dict output (trainer resume path)
     d = json.loads((DATA / "legacy-checkpoint-config.json").read_text())
     c = config_from_dict(d)
-    assert config_to_dict(c) == d
+    assert _without_new_keys(config_to_dict(c)) == d
     assert diff_configs(c, load_config("tiny-test"), ignore=RESUME_SAFE_KEYS) == [
         ("sample.sampler", "dual_loop", "euler_pf")
     ]

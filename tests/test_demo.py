@@ -1,5 +1,8 @@
 """The demo end to end at toy scale: every file a person opens is written."""
 
+import json
+import math
+
 import pytest
 
 from patchforcing import demo
@@ -22,13 +25,7 @@ TINY_DEMO = [
 
 
 def test_demo_writes_its_folder(tmp_path):
-    out = run_demo(
-        tmp_path / "demo",
-        TINY_DEMO,
-        nfe=6,
-        num_eval=24,
-        progress=False,
-    )
+    out = run_demo(tmp_path / "demo", TINY_DEMO, nfe=6, num_eval=24, progress=False, classifier_steps=3)
     names = {p.name for p in out.iterdir()}
     for f in [
         "summary.md",
@@ -38,6 +35,7 @@ def test_demo_writes_its_folder(tmp_path):
         "trajectory_look_ahead.png",
         "trajectory_dual_loop.png",
         "data.png",
+        "classifier.pt",
         "run",
     ]:
         assert f in names
@@ -47,16 +45,24 @@ def test_demo_writes_its_folder(tmp_path):
     assert (
         "| look_ahead | 3 | 5 |" in summary and "| dual_loop | 1 | 4 |" in summary and "| euler_pf | 6 | 6 |" in summary
     )
-    assert "not** FID" in summary
-    # a second call reuses the finished run instead of training again
-    again = run_demo(
-        tmp_path / "demo",
-        TINY_DEMO,
-        nfe=6,
-        num_eval=24,
-        progress=False,
-    )
+    assert "not** FID" in summary and "FD_classifier" in summary and "*real images (floor)*" in summary
+    assert "What this run can and cannot show" in summary and "cannot show whether Patch Forcing beats SiT" in summary
+    s = json.loads((out / "summary.json").read_text())
+    q = s["quality"]
+    assert q["reference_images"] == 16 and q["floor"]["n"] == 24 and q["floor"]["fd"] > 0
+    for row in s["samplers"]:  # a finite FD inside its interval, and the paired difference to euler_pf
+        assert math.isfinite(row["fd"]) and row["fd_low"] <= row["fd"] <= row["fd_high"]
+        assert (row["vs_euler_pf"] is None) == (row["sampler"] == "euler_pf")
+    clf = (out / "classifier.pt").stat().st_mtime_ns
+    # a second call reuses the finished run and the classifier instead of training again
+    again = run_demo(tmp_path / "demo", TINY_DEMO, nfe=6, num_eval=24, progress=False, classifier_steps=3)
     assert "continued from an earlier run" in (again / "summary.md").read_text()
+    assert (out / "classifier.pt").stat().st_mtime_ns == clf
+    fds = [(r["sampler"], r["fd"], r["fd_low"], r["fd_high"]) for r in s["samplers"]]
+    assert [
+        (r["sampler"], r["fd"], r["fd_low"], r["fd_high"])
+        for r in json.loads((again / "summary.json").read_text())["samplers"]
+    ] == fds
 
 
 @pytest.mark.parametrize(

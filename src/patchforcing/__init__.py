@@ -8,7 +8,11 @@ The public API (re-exports only)::
     model = pf.load_model(path)
     ts = pf.make_timestep_sampler("ltg")(batch_size, num_patches, generator=g)
     terms = pf.patch_flow_loss(model, x1, y)
+    model = pf.create_model("PFT-XL/2", repa=dict(encoder_depth=8, z_dim=768, projector_dim=2048))
+    terms = pf.patch_flow_loss(model, x1, y, repa=pf.RepaTarget(pf.load_vision_encoder("dinov2-b"), images))
     res = pf.sample(model, noise, sampler="look_ahead", steps=50, y=y)
+    enc = pf.load_text_encoder("minilm")        # or a hub id / local dir; enc(captions) -> TextEmbeddings
+    model = pf.create_model("PFT-T2I-1.2B", in_channels=32, text_dim=2048)   # v, lv = model(x, t, text)
     vae = pf.load_autoencoder_for(path, vae="stabilityai/sd-vae-ft-ema", model=model)
     images = vae.decode(res.x)                  # or pf.decode_to_images(res.x, path)
 """
@@ -17,9 +21,11 @@ __version__ = "0.1.0"
 
 from .autoencoders import AutoencoderSpec, decode_to_images, load_autoencoder, load_autoencoder_for
 from .checkpoints import CheckpointError, load_model, save_model
-from .flow.loss import patch_flow_loss
+from .encoders.text import TextEncoder, load_text_encoder
+from .encoders.vision import FrozenEncoder, load_vision_encoder
+from .flow.loss import RepaTarget, patch_flow_loss
 from .flow.timesteps import make_timestep_sampler
-from .models import PatchForcingTransformer, create_model, list_models
+from .models import PatchForcingTransformer, TextToImageTransformer, create_model, list_models
 from .sampling import SampleResult, make_sampler, sample
 
 __all__ = [
@@ -29,11 +35,17 @@ __all__ = [
     "load_autoencoder",
     "load_autoencoder_for",
     "CheckpointError",
+    "FrozenEncoder",
     "PatchForcingTransformer",
+    "RepaTarget",
     "SampleResult",
+    "TextEncoder",
+    "TextToImageTransformer",
     "create_model",
     "list_models",
     "load_model",
+    "load_text_encoder",
+    "load_vision_encoder",
     "make_sampler",
     "make_timestep_sampler",
     "patch_flow_loss",

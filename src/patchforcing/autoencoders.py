@@ -18,7 +18,10 @@ latents always decodes with the same autoencoder and scaling.
 
 Kinds: ``"kl"`` (diffusers ``AutoencoderKL``: SD VAE ft-EMA / ft-MSE), ``"tiny"`` (diffusers
 ``AutoencoderTiny``, TAESD: fast previews; its latents are already scaled, std 0) and
-``"identity"`` (pixel-space models). The diffusers ones need ``pip install 'patchforcing[vae]'``.
+``"identity"`` (pixel-space models) and ``"flux2"`` (diffusers ``AutoencoderKLFlux2``, the FLUX.2
+VAE: 32 latent channels, factor 8; its latents are normalised by the batch-norm statistics stored
+in the VAE, per channel *and* position in a 2x2 patch, see :attr:`AutoencoderSpec.stats_patch_size`).
+The diffusers ones need ``pip install 'patchforcing[vae]'``.
 
 Public API: :class:`AutoencoderSpec`, :class:`Autoencoder`, :class:`IdentityAutoencoder`,
 :class:`DiffusersAutoencoder`, :class:`AutoencoderError`, :func:`load_autoencoder`,
@@ -62,13 +65,15 @@ __all__ = [
 ]
 
 #: concrete autoencoder kinds (``"auto"`` is also accepted where a source is given: see :func:`detect_kind`)
-AUTOENCODER_KINDS: tuple[str, ...] = ("identity", "kl", "tiny")
+AUTOENCODER_KINDS: tuple[str, ...] = ("identity", "kl", "tiny", "flux2")
 #: hub id of the SD VAE the released PFT checkpoints were trained with
 SD_VAE_EMA = "stabilityai/sd-vae-ft-ema"
 #: latent scale factor of the SD VAE (ft-EMA and ft-MSE alike)
 SD_VAE_SCALE = 0.18215
 
-_DIFFUSERS_CLASS = {"kl": "AutoencoderKL", "tiny": "AutoencoderTiny"}
+_DIFFUSERS_CLASS = {"kl": "AutoencoderKL", "tiny": "AutoencoderTiny", "flux2": "AutoencoderKLFlux2"}
+#: kinds whose ``encode`` returns a diagonal Gaussian posterior (``latent_dist``)
+_POSTERIOR_KINDS = ("kl", "flux2")
 _KIND_OF_CLASS = {v: k for k, v in _DIFFUSERS_CLASS.items()}
 
 
@@ -86,7 +91,7 @@ class AutoencoderSpec:
     """Which autoencoder, where its weights are, and the latent scaling (plain, serialisable).
 
     Attributes:
-        kind: ``"identity"``, ``"kl"`` or ``"tiny"``.
+        kind: ``"identity"``, ``"kl"``, ``"tiny"`` or ``"flux2"``.
         source: hub id (``"stabilityai/sd-vae-ft-ema"``) or local directory of a diffusers model
             (``None`` for identity).
         scale_factor: multiplies the (shifted) latent; ``None`` = not resolved yet (the VAE's
@@ -94,6 +99,12 @@ class AutoencoderSpec:
         shift_factor: scalar shift subtracted first (``None`` = the VAE's, else 0).
         latents_mean, latents_std: per-channel statistics (both or neither); when set they
             replace ``shift_factor`` and divide by ``std_c``: ``(z - mean_c) * scale_factor / std_c``.
+        stats_patch_size: ``p = 1`` (default): one mean/std per channel. ``p > 1``: ``C * p * p``
+            values, one per channel and position ``(dy, dx)`` in each ``p x p`` patch of the latent
+            grid, channel-major (index ``c * p * p + dy * p + dx``) -- the layout of the FLUX.2 VAE's
+            batch-norm statistics, which it keeps for its 2x2-patchified latents: with ``p = 2``,
+            ``scale`` equals the FLUX.2 pipeline's ``(patchify(z) - bn_mean) / bn_std`` mapped back
+            to the ``(C, h, w)`` grid (``h``, ``w`` must then be multiples of ``p``).
     """
 
     kind: str = "identity"
@@ -102,6 +113,7 @@ class AutoencoderSpec:
     shift_factor: float | None = None
     latents_mean: tuple[float, ...] | None = None
     latents_std: tuple[float, ...] | None = None
+    stats_patch_size: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in AUTOENCODER_KINDS:
@@ -124,6 +136,14 @@ class AutoencoderSpec:
                 raise AutoencoderError(f"latents_std must be positive, got {list(self.latents_std)}")
         if self.scale_factor is not None and not (self.scale_factor > 0 and math.isfinite(self.scale_factor)):
             raise AutoencoderError(f"scale_factor must be a positive number, got {self.scale_factor!r}")
+        p = self.stats_patch_size
+        if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+            raise AutoencoderError(f"stats_patch_size must be a positive integer, got {p!r}")
+        if p > 1 and (self.latents_mean is None or len(self.latents_mean) % (p * p)):
+            raise AutoencoderError(
+                f"stats_patch_size={p} needs per-channel statistics with a multiple of {p * p} values "
+                f"(channels x {p}x{p}), got {None if self.latents_mean is None else len(self.latents_mean)}"
+            )
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -137,15 +157,16 @@ class AutoencoderSpec:
         """Inverse of :meth:`to_dict`; ``None`` or ``{}`` is the identity."""
         if not d:
             return cls()
-        known = {"kind", "source", "scale_factor", "shift_factor", "latents_mean", "latents_std"}
+        known = {"kind", "source", "scale_factor", "shift_factor", "latents_mean", "latents_std", "stats_patch_size"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise AutoencoderError(f"autoencoder spec has unknown keys {unknown} (known: {sorted(known)})")
         return cls(**{k: d[k] for k in known if k in d})
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable dict (tuples as lists)."""
-        return {
+        """Plain JSON-serialisable dict (tuples as lists); ``stats_patch_size`` only when not 1, so
+        the dicts of every other spec are what they always were."""
+        d = {
             "kind": self.kind,
             "source": self.source,
             "scale_factor": self.scale_factor,
@@ -153,15 +174,20 @@ class AutoencoderSpec:
             "latents_mean": list(self.latents_mean) if self.latents_mean is not None else None,
             "latents_std": list(self.latents_std) if self.latents_std is not None else None,
         }
+        if self.stats_patch_size != 1:
+            d["stats_patch_size"] = self.stats_patch_size
+        return d
 
     def with_overrides(self, **changes: Any) -> AutoencoderSpec:
         """A copy with the given fields replaced; ``None`` values leave a field unchanged, and
-        setting per-channel statistics or a scalar shift clears the other form."""
+        setting per-channel statistics or a scalar shift clears the other form (new statistics are
+        per channel, ``stats_patch_size = 1``, unless it is given too)."""
         changes = {k: v for k, v in changes.items() if v is not None}
         if "latents_mean" in changes or "latents_std" in changes:
             changes.setdefault("shift_factor", 0.0)
+            changes.setdefault("stats_patch_size", 1)
         elif "shift_factor" in changes:
-            changes.update(latents_mean=None, latents_std=None)
+            changes.update(latents_mean=None, latents_std=None, stats_patch_size=1)
         return replace(self, **changes)
 
     # ---- scaling ------------------------------------------------------------------------------
@@ -182,14 +208,21 @@ class AutoencoderSpec:
         if self.scale_factor is None:
             raise AutoencoderError(f"the scaling of {self.source!r} is not resolved yet; load the autoencoder first")
         if self.per_channel:
-            c = z.shape[-3]
-            if c != len(self.latents_mean):
+            c, p = z.shape[-3], self.stats_patch_size
+            if c * p * p != len(self.latents_mean):
                 raise AutoencoderError(
-                    f"latents have {c} channels but the per-channel scaling has {len(self.latents_mean)}"
+                    f"latents have {c} channels but the per-channel scaling has {len(self.latents_mean)} values"
+                    + (f" ({p}x{p} per channel)" if p > 1 else "")
                 )
-            shape = (c, 1, 1)
-            mean = torch.tensor(self.latents_mean, dtype=z.dtype, device=z.device).view(shape)
-            std = torch.tensor(self.latents_std, dtype=z.dtype, device=z.device).view(shape)
+            mean = torch.tensor(self.latents_mean, dtype=z.dtype, device=z.device).view(c, p, p)
+            std = torch.tensor(self.latents_std, dtype=z.dtype, device=z.device).view(c, p, p)
+            if p > 1:  # statistics per (channel, dy, dx): tile them over the latent grid
+                h, w = z.shape[-2:]
+                if h % p or w % p:
+                    raise AutoencoderError(
+                        f"latents of {h}x{w} do not divide into the {p}x{p} patches of the scaling statistics"
+                    )
+                mean, std = mean.repeat(1, h // p, w // p), std.repeat(1, h // p, w // p)
             return mean, self.scale_factor / std
         return float(self.shift_factor or 0.0), float(self.scale_factor)
 
@@ -309,7 +342,8 @@ class IdentityAutoencoder(Autoencoder):
 
 
 class DiffusersAutoencoder(Autoencoder):
-    """A diffusers ``AutoencoderKL`` (posterior mean/std) or ``AutoencoderTiny`` (std 0).
+    """A diffusers ``AutoencoderKL`` / ``AutoencoderKLFlux2`` (posterior mean/std) or
+    ``AutoencoderTiny`` (std 0).
 
     Args:
         vae: the diffusers model (moved/cast by the caller; put in eval mode here).
@@ -319,20 +353,21 @@ class DiffusersAutoencoder(Autoencoder):
     def __init__(self, vae: nn.Module, spec: AutoencoderSpec):
         super().__init__()
         if spec.kind not in _DIFFUSERS_CLASS:
-            raise AutoencoderError(f"DiffusersAutoencoder handles kinds kl and tiny, got {spec.kind!r}")
+            kinds = ", ".join(_DIFFUSERS_CLASS)
+            raise AutoencoderError(f"DiffusersAutoencoder handles kinds {kinds}, got {spec.kind!r}")
         if not spec.resolved:
             raise AutoencoderError("DiffusersAutoencoder needs a resolved spec (scale_factor set)")
         self.vae = vae.eval().requires_grad_(False)
         self.spec = spec
         cfg = vae.config
         self.latent_channels = int(cfg.latent_channels)
-        blocks = cfg.block_out_channels if spec.kind == "kl" else cfg.encoder_block_out_channels
+        blocks = cfg.block_out_channels if spec.kind in _POSTERIOR_KINDS else cfg.encoder_block_out_channels
         self.downsample = 2 ** (len(blocks) - 1)
 
     @torch.no_grad()
     def encode_posterior(self, images: Tensor) -> tuple[Tensor, Tensor]:
         x = images.to(self.device, self.dtype)
-        if self.spec.kind == "kl":
+        if self.spec.kind in _POSTERIOR_KINDS:
             dist = self.vae.encode(x).latent_dist
             return dist.mean.float(), dist.std.float()
         z = self.vae.encode(x).latents.float()
@@ -384,12 +419,14 @@ def _missing_message(source: str, why: str) -> str:
 
 
 def detect_kind(source: str) -> str:
-    """``"kl"`` or ``"tiny"`` from a local model folder's ``config.json`` (``_class_name``);
-    ``"kl"`` for a hub id (the SD VAE family)."""
+    """``"kl"``, ``"tiny"`` or ``"flux2"`` from a local model folder's ``config.json`` (``_class_name``);
+    for a hub id ``"flux2"`` when it names FLUX.2, ``"tiny"`` for TAESD, else ``"kl"`` (the SD VAE family)."""
     local = _local_model_dir(source)
     if local is None:
         if "taesd" in source.lower():
             return "tiny"
+        if re.search(r"flux\.?2", source.lower()):
+            return "flux2"
         return "kl"
     path, sub = local
     cfg_path = path / (sub or "") / "config.json"
@@ -412,6 +449,21 @@ def _import_diffusers():
     return diffusers
 
 
+def _flux2_bn_stats(vae: nn.Module) -> dict[str, Any]:
+    """The FLUX.2 VAE's latent statistics: its batch norm's running mean and
+    ``sqrt(running_var + eps)`` over the ``C * p * p`` channels of 2x2-patchified latents."""
+    bn = vae.bn
+    p = tuple(vae.config.patch_size)
+    if len(p) != 2 or p[0] != p[1]:
+        raise AutoencoderError(f"FLUX.2 VAE with a non-square patch size {p} is not supported")
+    std = torch.sqrt(bn.running_var.double() + float(vae.config.batch_norm_eps))
+    return {
+        "latents_mean": tuple(bn.running_mean.double().tolist()),
+        "latents_std": tuple(std.tolist()),
+        "stats_patch_size": int(p[0]),
+    }
+
+
 def load_autoencoder(
     spec: AutoencoderSpec | Mapping[str, Any] | str,
     *,
@@ -428,7 +480,7 @@ def load_autoencoder(
             pipeline folder with ``vae/``). Offline (``HF_HUB_OFFLINE=1``) or for a local path
             nothing is downloaded (``local_files_only``); a hub id is otherwise fetched once
             into the Hugging Face cache.
-        kind: for a plain source: ``"auto"`` (from the folder's config.json), ``"kl"``, ``"tiny"``.
+        kind: for a plain source: ``"auto"`` (from the folder's config.json), ``"kl"``, ``"tiny"``, ``"flux2"``.
         device, dtype: where the VAE runs (fp32 default; the SD VAE is not reliable in fp16).
         channels: image channels of the identity autoencoder.
 
@@ -436,7 +488,10 @@ def load_autoencoder(
         an :class:`Autoencoder` in eval mode whose ``spec`` is resolved: ``scale_factor`` and
         ``shift_factor`` left ``None`` take the VAE config's ``scaling_factor``/``shift_factor``
         (0.18215 / 0 for the SD VAE; per-channel ``latents_mean``/``latents_std`` of the config
-        are used when the config has them and the spec does not say otherwise).
+        are used when the config has them and the spec does not say otherwise). FLUX.2
+        (``"flux2"``): scale 1 and the VAE's batch-norm statistics ``running_mean`` and
+        ``sqrt(running_var + batch_norm_eps)`` per channel and 2x2 patch position
+        (``stats_patch_size = 2``), exactly the FLUX.2 pipeline's latent normalisation.
 
     Raises:
         AutoencoderError: missing weights (the message names the ``hf download`` command and
@@ -494,15 +549,19 @@ def load_autoencoder(
     if spec.scale_factor is None:
         resolved = replace(resolved, scale_factor=float(getattr(cfg, "scaling_factor", 1.0) or 1.0))
     cfg_mean, cfg_std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-    if spec.shift_factor is None and not spec.per_channel:
+    if spec.kind == "flux2" and spec.shift_factor is None and not spec.per_channel:
+        resolved = replace(resolved, shift_factor=0.0, **_flux2_bn_stats(vae))
+    elif spec.shift_factor is None and not spec.per_channel:
         if cfg_mean is not None and cfg_std is not None:
             resolved = replace(resolved, shift_factor=0.0, latents_mean=tuple(cfg_mean), latents_std=tuple(cfg_std))
         else:
             resolved = replace(resolved, shift_factor=float(getattr(cfg, "shift_factor", 0.0) or 0.0))
-    if resolved.per_channel and len(resolved.latents_mean) != int(cfg.latent_channels):
+    p = resolved.stats_patch_size
+    if resolved.per_channel and len(resolved.latents_mean) != int(cfg.latent_channels) * p * p:
+        each = f" ({p}x{p} values each)" if p > 1 else ""
         raise AutoencoderError(
             f"per-channel scaling has {len(resolved.latents_mean)} values but {source!r} "
-            f"has {cfg.latent_channels} latent channels"
+            f"has {cfg.latent_channels} latent channels{each}"
         )
     return DiffusersAutoencoder(vae.to(device=device), resolved)
 

@@ -23,6 +23,7 @@ import json
 import os
 import pickle
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .models.t2i import T2IConfig, TextToImageTransformer
 from .models.transformer import ModelConfig, PatchForcingTransformer
 from .utils.hub import HubError, hub_download
 from .utils.io import atomic_write, ensure_writable_dir, looks_local, torch_save_atomic
@@ -56,7 +58,12 @@ EXPORT_FORMAT = "patchforcing"
 #: class names of the authors' code (last component of ``config.target``) -> our family flags
 RELEASED_TARGETS: dict[str, dict[str, bool]] = {
     "PatchForcingDiT": {"per_patch_time": True},
+    "REPAPatchForcingDiT": {"per_patch_time": True},  # + the REPA projector (z_dim, encoder_depth, projector_dim)
 }
+#: the REPA model's extra parameters and the authors' defaults (PFT-XL/2 + DINOv2-B)
+_REPA_PARAMS = {"z_dim": 768, "encoder_depth": 8, "projector_dim": 2048}
+#: state_dict prefix of the REPA projector (training only; sampling never runs it)
+PROJECTOR_PREFIX = "projector."
 _RELEASED_PARAMS = {
     "in_channels",
     "input_size",
@@ -69,6 +76,8 @@ _RELEASED_PARAMS = {
     "predict_uncertainty",
 }
 _IGNORED_PARAMS = {"compile", "class_dropout_prob", "learn_sigma"}
+#: ``model_config["model_type"]`` -> (config class, model class); class-model configs have no such key
+MODEL_TYPES: dict[str, tuple[type, type]] = {T2IConfig.MODEL_TYPE: (T2IConfig, TextToImageTransformer)}
 
 
 class CheckpointError(ValueError):
@@ -165,11 +174,25 @@ def _listing(keys: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def _drop_projector(sd: dict[str, Tensor], own: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
+    """``sd`` without the REPA projector when ``own`` (the model) has none, with a note on stderr."""
+    extra = [k for k in sd if k.startswith(PROJECTOR_PREFIX)]
+    if not extra or any(k.startswith(PROJECTOR_PREFIX) for k in own):
+        return sd
+    print(
+        f"note: {source} holds a REPA projector ({len(extra)} tensors, used in training only); "
+        "dropped: this model has none (sampling never runs it)",
+        file=sys.stderr,
+    )
+    return {k: v for k, v in sd.items() if not k.startswith(PROJECTOR_PREFIX)}
+
+
 def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> None:
     """Load ``state_dict`` into ``model`` exactly, or raise :class:`CheckpointError` listing
-    the missing, unexpected and mis-shaped keys."""
-    sd = _strip_prefixes(state_dict)
+    the missing, unexpected and mis-shaped keys. A REPA projector (``projector.*``) in
+    ``state_dict`` is dropped, with a note on stderr, when the model has none."""
     own = model.state_dict()
+    sd = _drop_projector(_strip_prefixes(state_dict), own, source)
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     misshaped = sorted(
@@ -214,12 +237,14 @@ def _type_problem(name: str, value: Any, default: Any, annotation: str) -> str |
     return None if ok else f"{name} must be {want}, got {value!r} ({type(value).__name__})"
 
 
-def _check_model_config(cfg: Any, source: str, what: str = "model_config") -> dict[str, Any]:
-    """``cfg`` as a plain dict of known, well-typed :class:`ModelConfig` fields, else
+def _check_model_config(
+    cfg: Any, source: str, what: str = "model_config", config_cls: type = ModelConfig
+) -> dict[str, Any]:
+    """``cfg`` as a plain dict of known, well-typed ``config_cls`` (:class:`ModelConfig`) fields, else
     :class:`CheckpointError` naming ``source`` and every problem."""
     if not isinstance(cfg, Mapping):
         raise CheckpointError(f"{source}: {what} must be a dict of model settings, got {type(cfg).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
     problems = []
     unknown = sorted(map(str, set(cfg) - set(fields)))
     if unknown:
@@ -237,7 +262,20 @@ def _check_model_config(cfg: Any, source: str, what: str = "model_config") -> di
 
 def _model_from_config(cfg: Any, source: str, what: str = "model_config") -> PatchForcingTransformer:
     """Build the model a checkpoint's config describes, with a :class:`CheckpointError` (naming
-    ``source``) for a missing, mistyped or inconsistent config instead of a traceback."""
+    ``source``) for a missing, mistyped or inconsistent config instead of a traceback.
+
+    A config with a ``model_type`` key (:data:`MODEL_TYPES`: ``"t2i"``) builds that model; class
+    model configs have none and build a :class:`PatchForcingTransformer` as always."""
+    if isinstance(cfg, Mapping) and "model_type" in cfg:
+        kind = cfg["model_type"]
+        if kind not in MODEL_TYPES:
+            raise CheckpointError(f"{source}: {what} has an unknown model_type {kind!r} (known: {sorted(MODEL_TYPES)})")
+        config_cls, model_cls = MODEL_TYPES[kind]
+        _check_model_config({k: v for k, v in cfg.items() if k != "model_type"}, source, what, config_cls)
+        try:
+            return model_cls.from_config(dict(cfg))
+        except (TypeError, ValueError, AssertionError, RuntimeError, ZeroDivisionError) as e:
+            raise CheckpointError(f"{source}: {what} does not describe a valid model: {e}") from None
     cfg = _check_model_config(cfg, source, what)
     try:
         return PatchForcingTransformer.from_config(cfg)
@@ -270,7 +308,8 @@ def model_from_released_config(config: Mapping[str, Any], source: str | None = N
     if not isinstance(raw, Mapping):
         raise CheckpointError(f"{where}released config 'params' must be a dict, got {type(raw).__name__}")
     params = dict(raw)
-    unknown = sorted(map(str, set(params) - _RELEASED_PARAMS - _IGNORED_PARAMS))
+    repa_params = set(_REPA_PARAMS) if cls_name == "REPAPatchForcingDiT" else set()
+    unknown = sorted(map(str, set(params) - _RELEASED_PARAMS - _IGNORED_PARAMS - repa_params))
     if unknown:
         raise CheckpointError(f"{where}released config of {cls_name} has parameters we do not know: {unknown}")
     if params.get("learn_sigma"):
@@ -278,11 +317,17 @@ def model_from_released_config(config: Mapping[str, Any], source: str | None = N
     kwargs = {k: params[k] for k in _RELEASED_PARAMS if k in params}
     kwargs.update(RELEASED_TARGETS[cls_name])
     kwargs.setdefault("predict_uncertainty", True)
+    if repa_params:
+        kwargs["repa"] = {k: params.get(k, default) for k, default in _REPA_PARAMS.items()}
     return _model_from_config(kwargs, source or "released checkpoint", "released config params")
 
 
 def save_released_format(model: PatchForcingTransformer, path: str | os.PathLike) -> Path:
     """Write ``model`` in the authors' released layout (e.g. for fixtures and interoperability)."""
+    if not isinstance(model, PatchForcingTransformer):
+        raise CheckpointError(
+            f"the released format only describes class-conditional PFT models, not {type(model).__name__}"
+        )
     c = model.config
     params = {
         "in_channels": c.in_channels,
@@ -297,8 +342,12 @@ def save_released_format(model: PatchForcingTransformer, path: str | os.PathLike
     }
     if not c.per_patch_time:
         raise CheckpointError("the released format only describes PFT models (per_patch_time=True)")
+    target = "patch_flow.models.pf_transformer.PatchForcingDiT"
+    if c.repa is not None:
+        target = "patch_flow.models.repa_pf_transformer.REPAPatchForcingDiT"
+        params.update(z_dim=c.repa.z_dim, encoder_depth=c.repa.encoder_depth, projector_dim=c.repa.projector_dim)
     obj = {
-        "config": {"target": "patch_flow.models.pf_transformer.PatchForcingDiT", "params": params},
+        "config": {"target": target, "params": params},
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
     }
     return torch_save_atomic(obj, path)
@@ -426,6 +475,7 @@ def load_model(
     map_location: Any = "cpu",
     use_ema: bool = True,
     filename: str | None = None,
+    projector: bool = True,
 ) -> PatchForcingTransformer:
     """Load a model from any supported file, directory or hub id; returns it in eval mode.
 
@@ -438,6 +488,9 @@ def load_model(
             torch files; move it with ``.to()``).
         use_ema: take the EMA weights of training checkpoints (default).
         filename: file inside a hub repo.
+        projector: keep the REPA projector of a REPA checkpoint (default; e.g. to continue
+            training). ``False`` drops it (with a note on stderr): a plain sampling model, whose
+            samples are the same (sampling never runs the projector).
 
     Raises:
         CheckpointError: a missing path, an unreadable or unrecognised file, a config or weights
@@ -457,6 +510,9 @@ def load_model(
     else:
         obj = safe_torch_load(path, map_location)
         model = _model_from_torch_object(obj, use_ema, str(path))
+    if not projector and getattr(model, "projector", None) is not None:
+        print(f"note: dropped the REPA projector of {path} (used in training only)", file=sys.stderr)
+        model.remove_projector()
     return model.eval()
 
 
@@ -523,5 +579,6 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, use_ema: bool = T
         "weights": "ema" if use_ema else "raw",
         "train_config": obj.get("config"),
         "autoencoder": obj.get("autoencoder"),
+        "text_encoder": obj.get("text_encoder"),  # text-to-image: the frozen encoder it was trained with
     }  # the VAE spec + scaling that decodes samples (None: pixels)
     return save_model(model, out_path, metadata=meta)

@@ -21,12 +21,12 @@ from ..training.config import ConfigError
 from ..training.trainer import NonFiniteLossError, TrainingError
 from ..utils import RunLockedError
 from ..utils.runtime import tune_cpu_allocator
-from . import analyze, classifier, demo, encode, evaluate, export, listing, sample, train, viz
+from . import analyze, classifier, demo, encode, evaluate, export, listing, sample, study, train, viz
 
 __all__ = ["build_parser", "main"]
 
 #: the command modules, in the order ``--help`` lists them
-COMMANDS = (train, export, demo, evaluate, classifier, encode, sample, viz, analyze, listing)
+COMMANDS = (train, study, export, demo, evaluate, classifier, encode, sample, viz, analyze, listing)
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w\-]*(\.[\w\-]+)*=")
 
@@ -66,7 +66,7 @@ def is_override(text: str) -> bool:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse a command line; ``KEY=VALUE`` overrides are accepted anywhere on the line of the
-    commands that take them (``train``, ``demo``), in the order given."""
+    commands that take them (``train``, ``study``, ``demo``), in the order given."""
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     if not extras:

@@ -46,8 +46,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--vae-kind",
         default="auto",
-        choices=("auto", "kl", "tiny"),
+        choices=("auto", "kl", "tiny", "flux2"),
         help="AutoencoderKL (SD VAE) or AutoencoderTiny (TAESD); auto reads the folder's config",
+    )
+    p.add_argument(
+        "--repa-encoder",
+        metavar="SPEC",
+        help="also cache REPA features of every image (and its mirror with --flip): dinov2-b (-s, -l, -g), "
+        "a DINOv2 hub id or local folder, or classifier:CKPT; train with repa.source=cached (docs/repa.md)",
     )
     add_device_arg(p)
     p.add_argument("--num-workers", type=int, help="image loading processes (default: 0 for .npz, up to 8)")
@@ -84,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
             num_workers=args.num_workers,
             overwrite=args.overwrite,
             progress=not args.quiet,
+            repa_encoder=args.repa_encoder,
         )
     except KeyboardInterrupt:
         raise KeyboardInterrupt("the finished shards are kept: run the same command again to resume") from None
@@ -93,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
             f"encoded {len(result.encoded_shards)} shard(s) here ({result.images} images, "
             f"{result.images_per_sec:.1f} images/s), skipped {len(result.skipped_shards)} finished; "
             f"{idx['num_items']} latents {tuple(idx['latent_shape'])}, {idx['num_classes']} classes, "
-            f"index: {result.out / 'index.json'}"
+            + (f"REPA features {idx['repa']['tokens']}x{idx['repa']['dim']}, " if idx.get("repa") else "")
+            + f"index: {result.out / 'index.json'}"
         )
     return 0

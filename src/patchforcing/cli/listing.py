@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..models import list_models
+from ..models.registry import T2I_PAPER_PARAMETERS, count_parameters, is_text_to_image, list_models, t2i_data_defaults
 from ..training.config import list_presets, preset_path
 
 
@@ -16,7 +16,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_models(args: argparse.Namespace) -> int:
-    print("\n".join(list_models()))
+    """Preset names; text-to-image presets with their parameter count (counted on the meta device)."""
+    for name in list_models():
+        if not is_text_to_image(name):
+            print(name)
+            continue
+        channels, text_dim = t2i_data_defaults(name)
+        note = f"{channels} input channels, text width {text_dim}"
+        if name.endswith("1.2B"):
+            note += f"; the authors' PFT-T2I-1.2B: {T2I_PAPER_PARAMETERS:,}"
+        print(f"{name:16s} {count_parameters(name):>15,} parameters ({note})")
     return 0
 
 

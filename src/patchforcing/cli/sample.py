@@ -8,9 +8,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..conditioning import condition_kind
+from ..encoders.text import load_text_encoder_for
 from ..sampling.generate import GenerationSpec, generate, sample_indices
 from ..training.distributed import init_distributed, shutdown_distributed
-from ..viz import save_grid
+from ..viz import prompt_grid, save_grid
 from .common import (
     add_sampling_args,
     check_output_file,
@@ -29,14 +31,35 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         NAME,
         help="sample images from a checkpoint (grid .png or ADM .npz; works under torchrun)",
-        description="Sample i's noise and label depend only on (seed, i): the output is the same for any batch "
-        "size and number of processes. .npz runs are sharded and resumable; a resume whose settings "
-        "differ from the existing shards' is refused (--overwrite re-samples).",
+        description="Sample i's noise and label (or prompt) depend only on (seed, i): the output is the same for "
+        "any batch size and number of processes. .npz runs are sharded and resumable; a resume whose settings "
+        "differ from the existing shards' is refused (--overwrite re-samples). Text-to-image checkpoints take "
+        "--prompt (repeatable) or --prompts FILE: a .png is then a prompt grid (a row per prompt).",
     )
     add_sampling_args(p, "euler_pf")
     p.add_argument("--classes", help="comma-separated class labels, cycled (e.g. 1,2,3)")
     p.add_argument("--labels", choices=["uniform", "balanced"], default="uniform")
-    p.add_argument("--num-samples", type=positive_int, default=64)
+    p.add_argument(
+        "--prompt", action="append", metavar="TEXT", help="a caption (text-to-image models); repeat for several"
+    )
+    p.add_argument("--prompts", metavar="FILE", help="a text file of captions, one per line (text-to-image models)")
+    p.add_argument(
+        "--per-prompt",
+        type=positive_int,
+        help="samples per prompt: the columns of a prompt grid (default 4); for .npz, consecutive samples "
+        "per prompt (default 1: prompts cycled over the samples)",
+    )
+    p.add_argument(
+        "--text-encoder",
+        metavar="SPEC",
+        help="where the text encoder is (hub id, local directory, 'minilm'); default: the one the run recorded",
+    )
+    p.add_argument(
+        "--num-samples",
+        type=positive_int,
+        default=None,
+        help="images to make (default 64; a prompt grid: prompts x --per-prompt)",
+    )
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--shard-size", type=positive_int, default=1000)
     p.add_argument("--seed", type=int, default=0)
@@ -46,9 +69,42 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def read_prompts(args: argparse.Namespace) -> list[str] | None:
+    """The prompts of ``--prompt`` / ``--prompts FILE`` (blank lines skipped), or ``None``."""
+    if args.prompt and args.prompts:
+        raise ValueError("give --prompt or --prompts, not both")
+    if args.prompt:
+        return list(args.prompt)
+    if args.prompts is None:
+        return None
+    path = Path(args.prompts)
+    if not path.is_file():
+        raise ValueError(f"--prompts {path}: no such file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"--prompts {path}: not a UTF-8 text file") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts {path}: the file holds no prompts")
+    return prompts
+
+
 def spec_from(args: argparse.Namespace) -> GenerationSpec:
+    prompts = read_prompts(args)
+    picture = Path(args.out).suffix.lower() in PICTURE_SUFFIXES
+    per_prompt = args.per_prompt or (4 if picture and prompts else 1)
+    if prompts is None and args.per_prompt is not None:
+        raise ValueError("--per-prompt needs --prompt or --prompts")
+    if prompts is not None and args.classes is not None:
+        raise ValueError("--classes is for class-conditional models; give --prompt/--prompts or --classes, not both")
+    num = args.num_samples
+    if num is None:
+        num = len(prompts) * per_prompt if prompts and picture else 64
+    if prompts and picture and num % per_prompt:
+        raise ValueError(f"a prompt grid needs --num-samples ({num}) divisible by --per-prompt ({per_prompt})")
     return GenerationSpec(
-        num_samples=args.num_samples,
+        num_samples=num,
         batch_size=args.batch_size,
         seed=args.seed,
         sampler=args.sampler,
@@ -60,6 +116,8 @@ def spec_from(args: argparse.Namespace) -> GenerationSpec:
         classes=parse_classes(args.classes),
         shard_size=args.shard_size,
         options=sampler_options(args),
+        prompts=prompts,
+        samples_per_prompt=per_prompt,
     )
 
 
@@ -73,10 +131,17 @@ def run(args: argparse.Namespace) -> int:
     env = init_distributed(args.device)
     try:
         model, ae, decode = load_model_and_decoder(args.checkpoint, args.vae, env.device)
+        encoder = None
+        if condition_kind(model) == "text":
+            if spec.prompts is None:
+                raise ValueError(f"{args.checkpoint} is a text-to-image model: give --prompt TEXT or --prompts FILE")
+            encoder = load_text_encoder_for(args.checkpoint, args.text_encoder, model=model, device=env.device)
+        elif spec.prompts is not None:
+            raise ValueError(f"{args.checkpoint} is a class-conditional model: it takes --classes, not prompts")
         if suffix in PICTURE_SUFFIXES:
             if env.world_size > 1:
                 raise ValueError("a picture output is made by one process; use an .npz output under torchrun")
-            write_picture(model, spec, out, decode, env.device)
+            write_picture(model, spec, out, decode, env.device, encoder)
         else:
             try:
                 with torch.no_grad():
@@ -91,7 +156,12 @@ def run(args: argparse.Namespace) -> int:
                         barrier=dist.barrier if env.distributed else None,
                         progress=True,
                         overwrite=args.overwrite,
-                        meta={"checkpoint": str(args.checkpoint), "vae": ae.spec.to_dict()},
+                        encoder=encoder,
+                        meta={
+                            "checkpoint": str(args.checkpoint),
+                            "vae": ae.spec.to_dict(),
+                            **({"text_encoder": encoder.fingerprint} if encoder is not None else {}),
+                        },
                     )
             except KeyboardInterrupt:
                 raise KeyboardInterrupt("the finished shards are kept: run the same command again to resume") from None
@@ -104,10 +174,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 @torch.no_grad()
-def write_picture(model, spec: GenerationSpec, out: Path, decode, device: torch.device) -> None:
-    """One grid of samples ``0 .. num_samples - 1`` (the same images ``.npz`` output gives them)."""
-    images, _, res = sample_indices(model, spec, range(spec.num_samples), device=device, decode=decode, progress=True)
-    save_grid(images, out)
+def write_picture(model, spec: GenerationSpec, out: Path, decode, device: torch.device, encoder=None) -> None:
+    """One grid of samples ``0 .. num_samples - 1`` (the same images ``.npz`` output gives them);
+    with prompts, a prompt grid: a row of ``samples_per_prompt`` samples per prompt."""
+    images, _, res = sample_indices(
+        model, spec, range(spec.num_samples), device=device, decode=decode, progress=True, encoder=encoder
+    )
+    if spec.prompts is None:
+        save_grid(images, out)
+    else:
+        k = spec.samples_per_prompt
+        rows = [spec.prompts[(i // k) % len(spec.prompts)] for i in range(0, spec.num_samples, k)]
+        cfg = f", CFG {spec.cfg_scale:g}" if spec.cfg_scale != 1 else ""
+        prompt_grid(images, rows, out, title=f"{res.sampler} · {res.nfe} NFE{cfg}")
     print(
         f"wrote {out}: {spec.num_samples} samples, sampler {res.sampler}, {res.steps} steps, "
         f"{res.nfe} NFE, {spec.num_samples / res.seconds:.2f} images/s"

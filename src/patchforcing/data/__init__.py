@@ -6,6 +6,11 @@ Every data set here has ``num_classes``, ``resolution``, ``channels`` (3) and ``
 * :class:`ImageFolderDataset` - ImageNet-layout folder, ADM centre crop (``kind: folder``).
 * :class:`NpzImageDataset` - ``uint8`` NHWC arrays in an ``.npz`` (``kind: npz``).
 
+Captioned data sets yield ``(image, caption: str)`` instead (:mod:`.captions`, :mod:`.shards`):
+:class:`CaptionedNpzDataset`, :class:`CaptionedFolderDataset` (sidecar ``.txt``),
+:class:`ShardDataset` (WebDataset tar shards, streamed), :class:`WithCaptions`; made from a config
+dict by :func:`build_captioned_dataset`.
+
 :func:`build_dataset` makes one from a small config dict.
 """
 
@@ -18,10 +23,20 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from .arrays import NpzImageDataset
+from .captions import (
+    CAPTIONED_KINDS,
+    CaptionedFolderDataset,
+    CaptionedNpzDataset,
+    WithCaptions,
+    build_captioned_dataset,
+    read_npz_captions,
+    read_sidecar_captions,
+)
 from .convert import composite_on_white, image_grid, save_image_grid, to_float, to_uint8
 from .errors import DataError
 from .folder import IMG_EXTENSIONS, ImageFolderDataset, center_crop_adm, load_rgb, scan_image_files
 from .preview import class_examples, save_class_grid
+from .shards import ShardDataset, expand_shards
 from .synthetic import SyntheticShapes, save_synthetic_grid
 
 __all__ = [
@@ -29,6 +44,15 @@ __all__ = [
     "SyntheticShapes",
     "ImageFolderDataset",
     "NpzImageDataset",
+    "CAPTIONED_KINDS",
+    "CaptionedNpzDataset",
+    "CaptionedFolderDataset",
+    "ShardDataset",
+    "WithCaptions",
+    "build_captioned_dataset",
+    "expand_shards",
+    "read_npz_captions",
+    "read_sidecar_captions",
     "build_dataset",
     "DATASET_KINDS",
     "data_argument_kind",

@@ -7,9 +7,14 @@
   named ``FD_classifier`` etc., never FID).
 * The statistics themselves: :func:`frechet_distance`, :func:`inception_score`,
   :func:`precision_recall`, :func:`knn_radii`.
+* Text-to-image: :func:`clip_score` (CLIP score through transformers, :class:`CLIPScorer`) and
+  :func:`category_accuracy` (share of images classified as their prompt's category, with its
+  chance level and a Wilson 95 % interval).
 """
 
+from .category import CategoryAccuracy, category_accuracy, category_accuracy_from_predictions, wilson_interval
 from .classifier import ClassifierConfig, SmallClassifier, load_classifier, save_classifier, train_classifier
+from .clip_score import DEFAULT_CLIP, CLIPScorer, clip_score
 from .evaluate import METRICS, evaluate, extract_features, format_results, parse_metrics
 from .features import (
     ClassifierFeatures,
@@ -50,4 +55,11 @@ __all__ = [
     "extract_features",
     "evaluate",
     "format_results",
+    "DEFAULT_CLIP",
+    "CLIPScorer",
+    "clip_score",
+    "CategoryAccuracy",
+    "category_accuracy",
+    "category_accuracy_from_predictions",
+    "wilson_interval",
 ]

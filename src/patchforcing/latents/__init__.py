@@ -4,7 +4,8 @@
 
     DIR/encode.json                 the settings (a second run must match them, or --overwrite)
     DIR/shard-00000.safetensors     tensors of items [0, S): mean, std (N, c, h, w), labels (N,) int64,
-                                    and with --flip also mean_flip, std_flip (the mirrored image)
+                                    and with --flip also mean_flip, std_flip (the mirrored image);
+                                    with --repa-encoder also repa (N, T, D) [, repa_flip] (REPA features)
     DIR/shard-00000.json            written after the shard: count, sha256, channel sums
     DIR/index.json                  written last: every shard with its count and sha256, the
                                     autoencoder spec with its scaling, resolution, flip, classes
@@ -35,6 +36,7 @@ their builders). Every public name is importable from ``patchforcing.latents``.
 from .datasets import LatentDataset, OnlineEncodedDataset, build_latent_dataset, build_online_dataset
 from .encode import EncodeResult, encode_source, open_image_source
 from .store import FORMAT_VERSION, LATENT_FORMAT, SCALINGS, LatentStoreError, read_index, verify_latent_store
+from .text_cache import TextCacheError, TextEmbeddingCache
 
 __all__ = [
     "LATENT_FORMAT",
@@ -50,4 +52,6 @@ __all__ = [
     "OnlineEncodedDataset",
     "build_latent_dataset",
     "build_online_dataset",
+    "TextCacheError",
+    "TextEmbeddingCache",
 ]

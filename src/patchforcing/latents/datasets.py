@@ -24,7 +24,13 @@ from ..utils.devices import resolve_device, torchrun_env
 from ..utils.seeding import hashed_generator
 from .store import LatentStoreError, read_index, verify_latent_store
 
-__all__ = ["LatentDataset", "OnlineEncodedDataset", "build_latent_dataset", "build_online_dataset"]
+__all__ = [
+    "LatentDataset",
+    "OnlineEncodedDataset",
+    "build_latent_dataset",
+    "build_online_dataset",
+    "load_online_autoencoder",
+]
 
 _NOISE_SALT = 0x1A7E_47_0000_0003
 
@@ -46,11 +52,15 @@ class LatentDataset(Dataset):
         spec: the autoencoder spec to scale with (default: the index's); e.g. a local VAE
             folder as its source, or another scaling.
         verify: check every shard's sha256 at construction (reads the whole store).
+        repa_features: items are ``(latent, label, features (T, D) float32)``, the cached REPA
+            features of the same (flipped or not) image (``encode --repa-encoder``); a store
+            without mirrored features mirrors the token grid, as for the latents.
 
     Attributes:
         num_classes, class_names, resolution (image side the latents came from), input_size
         (latent side), channels (latent channels), latent_shape, autoencoder_spec, has_flip,
-        index, labels (``int64 (N,)``, read on first use).
+        index, labels (``int64 (N,)``, read on first use), repa_info (the index's record of the
+        REPA encoder: spec, fingerprint, dim, tokens, grid; ``None`` without features).
     """
 
     def __init__(
@@ -61,6 +71,7 @@ class LatentDataset(Dataset):
         sample_posterior: bool = True,
         spec: AutoencoderSpec | None = None,
         verify: bool = False,
+        repa_features: bool = False,
     ):
         self.path = Path(path).expanduser()
         self.index = verify_latent_store(self.path) if verify else read_index(self.path)
@@ -86,6 +97,13 @@ class LatentDataset(Dataset):
         self._n = int(self.index["num_items"])
         self._handles: dict[int, Any] = {}
         self._labels: np.ndarray | None = None
+        self.repa_info: dict[str, Any] | None = self.index.get("repa")
+        self.repa_features = bool(repa_features)
+        if self.repa_features and self.repa_info is None:
+            raise LatentStoreError(
+                f"the latents in {str(self.path)!r} have no REPA features (repa.source=cached); encode them with "
+                f"`patchforcing encode IMAGES --vae VAE --repa-encoder SPEC --out DIR`, or use repa.source=online"
+            )
 
     def __getstate__(self) -> dict[str, Any]:  # open shard handles do not travel to workers
         state = dict(self.__dict__)
@@ -131,13 +149,28 @@ class LatentDataset(Dataset):
         label = int(h.get_slice("labels")[j : j + 1][0])
         return mean, std, label
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    def repa(self, index: int, flipped: bool = False) -> Tensor:
+        """The cached REPA features ``(T, D)`` float32 of item ``index`` (of the mirrored image with
+        ``flipped``: the stored ``repa_flip``, else the token grid mirrored)."""
+        if self.repa_info is None:
+            raise LatentStoreError(f"the latents in {str(self.path)!r} have no REPA features")
+        k, j = divmod(int(index), self.shard_size)
+        name = "repa_flip" if flipped and self.has_flip else "repa"
+        feats = self._shard(k).get_slice(name)[j : j + 1][0].float()
+        if flipped and not self.has_flip:
+            h, w = self.repa_info["grid"]
+            feats = feats.view(h, w, -1).flip(1).reshape(h * w, -1)
+        return feats
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int] | tuple[Tensor, int, Tensor]:
         i = int(index) + (self._n if int(index) < 0 else 0)
         flipped = self.flip and hflip_flag(self.seed, self.epoch, i)
         mean, std, label = self.posterior(i, flipped)
         z = mean
         if self.sample_posterior:
             z = mean + std * _noise(self.seed, self.epoch, i, tuple(mean.shape))
+        if self.repa_features:
+            return self.autoencoder_spec.scale(z), label, self.repa(i, flipped)
         return self.autoencoder_spec.scale(z), label
 
 
@@ -168,7 +201,9 @@ class OnlineEncodedDataset(Dataset):
         self.epoch = 0
         self.device = torch.device(device)
         self.sample_posterior = bool(sample_posterior)
-        self.num_classes = int(images.num_classes)
+        self.num_classes = int(getattr(images, "num_classes", 0) or 0)
+        if hasattr(images, "captions"):  # a captioned data set: its captions, for the embedding cache
+            self.captions = images.captions
         self.resolution = int(images.resolution)
         self.channels = autoencoder.latent_channels
         self.input_size = autoencoder.latent_size(self.resolution)
@@ -181,7 +216,7 @@ class OnlineEncodedDataset(Dataset):
         if hasattr(self.images, "set_epoch"):
             self.images.set_epoch(epoch)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[Tensor, int | str]:
         i = int(index) + (len(self) if int(index) < 0 else 0)
         x, label = self.images[i]
         dev = torch.device("cpu") if get_worker_info() is not None else self.device
@@ -190,7 +225,8 @@ class OnlineEncodedDataset(Dataset):
         mean, std = self.autoencoder.encode_posterior(x[None].to(dev))
         mean, std = mean[0].float().cpu(), std[0].float().cpu()
         z = mean + std * _noise(self.seed, self.epoch, i, tuple(mean.shape)) if self.sample_posterior else mean
-        return self.autoencoder_spec.scale(z), int(label)
+        # the second item passes through: a class label, or a caption (str) of a captioned data set
+        return self.autoencoder_spec.scale(z), label if isinstance(label, str) else int(label)
 
 
 def _section_spec(base: AutoencoderSpec, section: Any | None) -> AutoencoderSpec:
@@ -215,8 +251,9 @@ def _section_spec(base: AutoencoderSpec, section: Any | None) -> AutoencoderSpec
     )
 
 
-def build_latent_dataset(data: Any, autoencoder: Any | None = None) -> LatentDataset:
-    """The :class:`LatentDataset` of a config's ``data`` section (``kind: latents``).
+def build_latent_dataset(data: Any, autoencoder: Any | None = None, repa_features: bool = False) -> LatentDataset:
+    """The :class:`LatentDataset` of a config's ``data`` section (``kind: latents``); with
+    ``repa_features`` its items carry the cached REPA features.
 
     ``data``: needs ``path``, ``flip``, ``seed``, ``resolution`` (checked against the store) and
     ``num_classes`` (``None``, or at least the store's). ``autoencoder``: the config's
@@ -230,7 +267,7 @@ def build_latent_dataset(data: Any, autoencoder: Any | None = None) -> LatentDat
     path = Path(os.path.expanduser(str(data.path)))
     index = read_index(path)
     spec = _section_spec(AutoencoderSpec.from_dict(index["autoencoder"]), autoencoder)
-    ds = LatentDataset(path, flip=bool(data.flip), seed=int(data.seed), spec=spec)
+    ds = LatentDataset(path, flip=bool(data.flip), seed=int(data.seed), spec=spec, repa_features=repa_features)
     res = getattr(data, "resolution", None)
     if res is not None and int(res) != ds.resolution:
         raise LatentStoreError(
@@ -248,16 +285,22 @@ def build_online_dataset(
 ) -> OnlineEncodedDataset:
     """Wrap an image data set for online encoding with the VAE of a config ``autoencoder``
     section (``source``, ``kind``, scaling overrides); ``device`` as in ``train.device``."""
+    ae = load_online_autoencoder(autoencoder)
+    return OnlineEncodedDataset(images, ae, seed=seed, device=resolve_device(device, torchrun_env().local_rank))
+
+
+def load_online_autoencoder(autoencoder: Any) -> Autoencoder:
+    """The VAE of a config ``autoencoder`` section for online encoding (``source``, ``kind``, and
+    the scaling overrides applied to its spec)."""
     source = getattr(autoencoder, "source", None)
     if not source:
         raise LatentStoreError("autoencoder.online needs autoencoder.source (hub id or local VAE folder)")
     kind = getattr(autoencoder, "kind", "auto")
     ae = load_autoencoder(source, kind=kind)
-    spec = ae.spec.with_overrides(
+    ae.spec = ae.spec.with_overrides(
         scale_factor=getattr(autoencoder, "scale_factor", None),
         shift_factor=getattr(autoencoder, "shift_factor", None),
         latents_mean=getattr(autoencoder, "latents_mean", None),
         latents_std=getattr(autoencoder, "latents_std", None),
     )
-    ae.spec = spec
-    return OnlineEncodedDataset(images, ae, seed=seed, device=resolve_device(device, torchrun_env().local_rank))
+    return ae

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..autoencoders import Autoencoder, AutoencoderSpec, load_autoencoder
 from ..data import DataError, ImageFolderDataset, NpzImageDataset
+from ..encoders.vision import FrozenEncoder, VisionEncoderError, load_vision_encoder
 from ..utils.devices import resolve_device, torchrun_env
 from .store import (
     _SETTINGS,
@@ -103,9 +104,12 @@ def _settings(
     shard_size: int,
     dtype: str,
     scaling: str,
+    repa: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What the shards depend on; a resumed encode must have the same."""
+    extra = {"repa": repa} if repa is not None else {}  # (absent without REPA: older stores resume)
     return {
+        **extra,
         "format": LATENT_FORMAT,
         "version": FORMAT_VERSION,
         "source": str(source),
@@ -138,6 +142,7 @@ def encode_source(
     overwrite: bool = False,
     progress: bool = True,
     on_shard: Callable[[int], None] | None = None,
+    repa_encoder: FrozenEncoder | str | None = None,
 ) -> EncodeResult:
     """Encode an image folder or ``.npz`` into a sharded latent store (see the module docstring).
 
@@ -157,6 +162,12 @@ def encode_source(
         overwrite: discard a store made with other settings instead of refusing.
         progress: tqdm bar (rank 0) with images/s.
         on_shard: called with the shard number after each shard is written.
+        repa_encoder: also cache REPA features: a frozen vision encoder or its spec
+            (``dinov2-b``, a DINOv2 directory, ``classifier:CKPT``; see
+            :func:`~patchforcing.encoders.load_vision_encoder`). Each shard then holds ``repa``
+            ``(N, T, D)`` (and ``repa_flip`` with ``flip``): the encoder's float32 features of the
+            same cropped image the VAE sees, stored in ``dtype``; the index records the encoder
+            (spec, fingerprint, width, token grid).
 
     Under torchrun every rank calls this with the same arguments; rank ``r`` encodes shards
     ``r, r + W, ...``; rank 0 writes ``index.json`` after all ranks are done.
@@ -186,7 +197,8 @@ def encode_source(
         if ae.spec.kind == "identity":
             raise LatentStoreError("encoding with the identity autoencoder makes no sense; pass --vae")
         ae.latent_size(resolution)  # divisibility check
-        settings = _settings(src, dataset, ae, resolution, flip, shard_size, dtype, scaling)
+        enc, repa = _repa_settings(repa_encoder, resolution, dev)
+        settings = _settings(src, dataset, ae, resolution, flip, shard_size, dtype, scaling, repa)
         num_shards = math.ceil(len(dataset) / shard_size)
 
         if dist.rank == 0:
@@ -217,6 +229,7 @@ def encode_source(
             result.encoded_shards,
             on_shard,
             dev,
+            enc,
         )
         result.seconds = time.perf_counter() - start_time
         dist.barrier()
@@ -227,6 +240,26 @@ def encode_source(
         return result
     finally:
         dist.close()
+
+
+def _repa_settings(
+    encoder: FrozenEncoder | str | None, resolution: int, dev: torch.device
+) -> tuple[FrozenEncoder | None, dict[str, Any] | None]:
+    """The loaded REPA encoder and what the store records of it (``None, None`` without one)."""
+    if encoder is None:
+        return None, None
+    try:
+        enc = load_vision_encoder(encoder, device=dev)
+    except VisionEncoderError as err:
+        raise LatentStoreError(f"--repa-encoder: {err}") from None
+    probe = enc(torch.zeros(1, 3, resolution, resolution, device=dev))  # (1, T, D)
+    tokens, dim = int(probe.shape[1]), int(probe.shape[2])
+    grid = enc.grid(resolution, resolution) or (math.isqrt(tokens), math.isqrt(tokens))
+    if grid[0] * grid[1] != tokens:
+        raise LatentStoreError(f"the REPA encoder's {tokens} tokens do not form a grid; give it a grid()")
+    info = enc.describe()
+    info.update(dim=dim, tokens=tokens, grid=[int(grid[0]), int(grid[1])])
+    return enc, info
 
 
 class _Items(Dataset):
@@ -259,6 +292,7 @@ def _encode_shards(
     done: list[int],
     on_shard,
     dev: torch.device,
+    repa: FrozenEncoder | None = None,
 ) -> int:
     """Encode ``shards`` in order; returns the number of images encoded."""
     n = len(dataset)
@@ -299,6 +333,11 @@ def _encode_shards(
             if flip:
                 parts.setdefault("mean_flip", []).append(mean[b:])
                 parts.setdefault("std_flip", []).append(std[b:])
+            if repa is not None:  # REPA features of the same (and the mirrored) image
+                feats = repa(inputs).to("cpu", dtype)
+                parts.setdefault("repa", []).append(feats[:b])
+                if flip:
+                    parts.setdefault("repa_flip", []).append(feats[b:])
             count += b
             bar.update(b)
             if i + 1 == len(batches) or owner[i + 1] != k:

@@ -4,6 +4,7 @@ A store is a directory (see :mod:`patchforcing.latents` and ``docs/latents.md``)
 
     DIR/encode.json                 the settings (a second encode must match them, or --overwrite)
     DIR/shard-00000.safetensors     mean, std (N, c, h, w), labels (N,) int64 [, mean_flip, std_flip]
+                                    [, repa (N, T, D) [, repa_flip]: REPA encoder features]
     DIR/shard-00000.json            written after the shard: count, sha256, channel sums
     DIR/index.json                  written last: every shard with its count and sha256, the
                                     autoencoder spec with its scaling, resolution, flip, classes
@@ -209,6 +210,8 @@ def _write_index(out: Path, settings: dict[str, Any], num_shards: int, dataset, 
         "source": settings["source"],
         "shards": [{k: s[k] for k in ("file", "start", "count", "bytes", "sha256")} for s in sidecars],
     }
+    if settings.get("repa") is not None:  # cached REPA features: the encoder that made them
+        index["repa"] = settings["repa"]
     write_json_atomic(out / _INDEX, index)
 
 
@@ -260,6 +263,15 @@ def verify_latent_store(path: str | os.PathLike, checksums: bool = True) -> dict
         try:
             with safe_open(str(f), framework="pt") as h:
                 n = h.get_slice("labels").get_shape()[0]
+                repa = index.get("repa")
+                if repa is not None:
+                    names = ("repa", "repa_flip") if index["flip"] else ("repa",)
+                    want = [n, repa["tokens"], repa["dim"]]
+                    shapes = {k: list(h.get_slice(k).get_shape()) if k in h.keys() else None for k in names}
+                    wrong = {k: v for k, v in shapes.items() if v != want}
+                    if wrong:
+                        bad.append(f"{s['file']}: REPA features {wrong}, expected {want}")
+                        continue
         except Exception as err:  # unreadable safetensors
             bad.append(f"{s['file']}: unreadable ({err})")
             continue

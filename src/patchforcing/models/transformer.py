@@ -17,7 +17,8 @@ per-token computation at a fraction of its cost.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "ModelConfig",
+    "RepaConfig",
     "PatchForcingTransformer",
     "Conditioning",
     "timestep_features",
@@ -249,6 +251,44 @@ class FinalLayer(nn.Module):
 
 
 @dataclass(frozen=True)
+class RepaConfig:
+    """The REPA projector (representation alignment, Yu et al. 2025; ``docs/repa.md``).
+
+    ``projector`` = Linear(hidden, projector_dim), SiLU, Linear(projector_dim, projector_dim), SiLU,
+    Linear(projector_dim, z_dim), applied to every hidden token after block ``encoder_depth``
+    (1-based: the output of ``blocks[encoder_depth - 1]``). ``z_dim`` is the frozen encoder's width
+    (768 for DINOv2-B). The authors' PFT-XL/2 + REPA: depth 8, z_dim 768, projector_dim 2048.
+    """
+
+    encoder_depth: int = 8
+    z_dim: int = 768
+    projector_dim: int = 2048
+
+    @classmethod
+    def coerce(cls, value: RepaConfig | Mapping[str, Any] | None, depth: int) -> RepaConfig | None:
+        """``value`` as a checked :class:`RepaConfig` (``None`` stays ``None``); ValueError naming
+        the problem for unknown keys or sizes that do not fit a ``depth``-block model."""
+        if value is None or isinstance(value, cls):
+            cfg = value
+        elif isinstance(value, Mapping):
+            unknown = sorted(map(str, set(value) - set(cls.__dataclass_fields__)))
+            if unknown:
+                raise ValueError(f"unknown repa keys {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+            cfg = cls(**value)
+        else:
+            raise ValueError(f"repa must be a dict (encoder_depth, z_dim, projector_dim) or None, got {value!r}")
+        if cfg is None:
+            return None
+        for name in ("encoder_depth", "z_dim", "projector_dim"):
+            v = getattr(cfg, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"repa.{name} must be an integer >= 1, got {v!r}")
+        if cfg.encoder_depth > depth:
+            raise ValueError(f"repa.encoder_depth ({cfg.encoder_depth}) exceeds the model depth ({depth})")
+        return cfg
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild a :class:`PatchForcingTransformer` (saved with weights)."""
 
@@ -262,6 +302,8 @@ class ModelConfig:
     num_classes: int = 1000
     per_patch_time: bool = True
     predict_uncertainty: bool = True
+    #: the REPA projector (training only); ``None`` (the default) for plain models and old configs
+    repa: RepaConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -278,6 +320,8 @@ class ModelConfig:
         d = dict(d)
         if isinstance(d.get("input_size"), list):
             d["input_size"] = tuple(d["input_size"])
+        if isinstance(d.get("repa"), Mapping):
+            d["repa"] = RepaConfig(**d["repa"])
         return cls(**d)
 
 
@@ -299,7 +343,14 @@ class PatchForcingTransformer(nn.Module):
     Returns:
         ``(v, logvar)``: ``v`` ``(B, C, H, W)`` velocity; ``logvar`` ``(B, 1, H, W)`` or ``None``
         for a model without the head.
+
+    With ``repa=dict(encoder_depth=8, z_dim=768, projector_dim=2048)`` the model also has the REPA
+    ``projector`` (:class:`RepaConfig`); only :meth:`forward_with_projection` (training) runs it,
+    the plain call (sampling) never does.
     """
+
+    #: what the third argument of ``forward`` is: class labels (the text-to-image model: "text")
+    condition_kind = "class"
 
     def __init__(
         self,
@@ -313,6 +364,7 @@ class PatchForcingTransformer(nn.Module):
         num_classes: int = 1000,
         per_patch_time: bool = True,
         predict_uncertainty: bool = True,
+        repa: RepaConfig | Mapping[str, Any] | None = None,
     ):
         super().__init__()
         size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
@@ -320,6 +372,7 @@ class PatchForcingTransformer(nn.Module):
             raise ValueError(f"input size {input_size} is not a multiple of patch size {patch_size}")
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        repa = RepaConfig.coerce(repa, depth)
         self.config = ModelConfig(
             input_size=input_size if isinstance(input_size, int) else size,
             patch_size=patch_size,
@@ -331,6 +384,7 @@ class PatchForcingTransformer(nn.Module):
             num_classes=num_classes,
             per_patch_time=per_patch_time,
             predict_uncertainty=predict_uncertainty,
+            repa=repa,
         )
         self.image_size: tuple[int, int] = size
         self.grid_size: tuple[int, int] = (size[0] // patch_size, size[1] // patch_size)
@@ -351,6 +405,16 @@ class PatchForcingTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
+        self.projector: nn.Sequential | None = None
+        if repa is not None:  # built after the backbone's init: same backbone weights as a plain model
+            self.projector = nn.Sequential(
+                nn.Linear(hidden_size, repa.projector_dim),
+                nn.SiLU(),
+                nn.Linear(repa.projector_dim, repa.projector_dim),
+                nn.SiLU(),
+                nn.Linear(repa.projector_dim, repa.z_dim),
+            )
+            self._init_projector()
 
     # ---- construction ----------------------------------------------------------------------
 
@@ -359,6 +423,18 @@ class PatchForcingTransformer(nn.Module):
         if isinstance(config, dict):
             config = ModelConfig.from_dict(config)
         return cls(**asdict(config))
+
+    def _init_projector(self) -> None:
+        for layer in self.projector:
+            if isinstance(layer, nn.Linear):
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    def remove_projector(self) -> PatchForcingTransformer:
+        """Drop the REPA projector in place (a plain sampling model, ``config.repa = None``)."""
+        self.projector = None
+        self.config = replace(self.config, repa=None)
+        return self
 
     def initialize_weights(self) -> None:
         """DiT initialisation; all adaLN outputs and the final linear are zero (v = 0, logvar = 0)."""
@@ -385,6 +461,8 @@ class PatchForcingTransformer(nn.Module):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        if getattr(self, "projector", None) is not None:
+            self._init_projector()
 
     # ---- conditioning ----------------------------------------------------------------------
 
@@ -464,16 +542,36 @@ class PatchForcingTransformer(nn.Module):
         x = tokens.reshape(B, h, w, p, p, k)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(B, k, h * p, w * p)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, x: Tensor, t: Tensor, y: Tensor | None = None, *, return_projection: bool = False
+    ) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, Tensor]:
+        """``(v, logvar)``; with ``return_projection`` (REPA training, see
+        :meth:`forward_with_projection`) ``(v, logvar, z)``."""
         t, y = self._check_inputs(x, t, y)
+        if return_projection and self.projector is None:
+            raise ValueError(
+                "this model has no REPA projector; build it with create_model(..., repa=dict(encoder_depth=..., "
+                "z_dim=..., projector_dim=...))"
+            )
         c = self.conditioning(t, y)
         h = self.x_embedder(x) + self.pos_embed
-        for block in self.blocks:
+        z = None
+        for i, block in enumerate(self.blocks):
             h = block(h, c)
+            if return_projection and i + 1 == self.config.repa.encoder_depth:
+                z = self.projector(h)
         out = self.unpatchify(self.final_layer(h, c))
+        v, logvar = out, None
         if self.predict_uncertainty:
-            return out[:, : self.in_channels], out[:, self.in_channels :]
-        return out, None
+            v, logvar = out[:, : self.in_channels], out[:, self.in_channels :]
+        return (v, logvar, z) if return_projection else (v, logvar)
+
+    def forward_with_projection(
+        self, x: Tensor, t: Tensor, y: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """The REPA training call: ``(v, logvar, z)``, ``z`` ``(B, N, z_dim)`` the projected hidden
+        tokens after block ``config.repa.encoder_depth`` (same ``v``/``logvar`` as ``model(x, t, y)``)."""
+        return self(x, t, y, return_projection=True)
 
     def extra_repr(self) -> str:
         c = self.config
@@ -482,4 +580,5 @@ class PatchForcingTransformer(nn.Module):
             f"kind={kind}, input_size={c.input_size}, patch_size={c.patch_size}, "
             f"in_channels={c.in_channels}, num_classes={c.num_classes}, "
             f"uncertainty={c.predict_uncertainty}"
+            + (f", repa=(depth {c.repa.encoder_depth}, z_dim {c.repa.z_dim})" if c.repa is not None else "")
         )

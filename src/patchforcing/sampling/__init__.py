@@ -1,9 +1,11 @@
 """Samplers: integrators that only call the model (the names in :data:`SAMPLERS`).
 
-Sampling at scale (sharded, resumable ``.npz`` output) is in :mod:`patchforcing.sampling.generate`.
+Sampling at scale (sharded, resumable ``.npz`` output, prompts for text models) is in
+:mod:`patchforcing.sampling.generate`. Conditioning (class labels, text embeddings) is
+:mod:`patchforcing.conditioning`.
 """
 
-from .api import NonFiniteSampleError, SampleResult, sample, steps_for_nfe
+from .api import NonFiniteSampleError, SampleResult, accepts_any_size, sample, steps_for_nfe
 from .guidance import GuidedModel, Prediction
 from .samplers import (
     SAMPLERS,
@@ -12,6 +14,7 @@ from .samplers import (
     Euler,
     EulerPF,
     LookAhead,
+    RandomContext,
     Sampler,
     certain_mask,
     make_sampler,
@@ -21,11 +24,13 @@ from .samplers import (
 __all__ = [
     "SAMPLERS",
     "CallRecord",
+    "accepts_any_size",
     "DualLoop",
     "Euler",
     "EulerPF",
     "GuidedModel",
     "LookAhead",
+    "RandomContext",
     "NonFiniteSampleError",
     "Prediction",
     "SampleResult",

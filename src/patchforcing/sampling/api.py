@@ -13,10 +13,19 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..conditioning import Condition, TextEmbeddings, as_condition, condition_kind
 from .guidance import GuidedModel, check_guidance
 from .samplers import SAMPLERS, CallRecord, Sampler, StepContext, TimeGrid, _Recorder, make_sampler, make_time_grid
 
-__all__ = ["SampleResult", "NonFiniteSampleError", "sample", "steps_for_nfe", "plan_run"]
+__all__ = [
+    "SampleResult",
+    "NonFiniteSampleError",
+    "sample",
+    "steps_for_nfe",
+    "plan_run",
+    "accepts_any_size",
+    "check_noise_shape",
+]
 
 
 class NonFiniteSampleError(ValueError):
@@ -171,13 +180,42 @@ def steps_for_nfe(sampler: Sampler, budget: int, guided: GuidedModel, grid: Time
 # --------------------------------------------------------------------------------------------
 
 
-def _check(model: nn.Module, noise: Tensor, y: Tensor | None, cfg_scale: float, sampler: Sampler) -> Tensor | None:
+def accepts_any_size(model: nn.Module) -> bool:
+    """Whether ``model`` takes any ``H, W`` divisible by its patch size (2-D RoPE, no fixed
+    position table): its ``accepts_any_size`` attribute when it has one, else True for a text
+    model (the T2I design) and False for a class model (a fixed position table)."""
+    flag = getattr(model, "accepts_any_size", None)
+    if flag is not None:
+        return bool(flag)
+    return condition_kind(model) == "text"
+
+
+def check_noise_shape(model: nn.Module, noise: Tensor) -> None:
+    """``noise`` must be ``(B, C, H, W)`` with the model's channels and a size it takes.
+
+    Raises:
+        ValueError: naming the expected shape.
+    """
+    C = getattr(model, "in_channels", noise.shape[1] if noise.dim() == 4 else None)
+    if accepts_any_size(model):
+        p = getattr(model, "patch_size", 1)
+        if noise.dim() != 4 or noise.shape[1] != C or noise.shape[-2] % p or noise.shape[-1] % p:
+            raise ValueError(
+                f"noise must have shape (B, {C}, H, W) with H and W divisible by the patch size {p} for this "
+                f"model, got {tuple(noise.shape)}"
+            )
+        return
     size = tuple(getattr(model, "image_size", noise.shape[-2:]))
-    C = getattr(model, "in_channels", noise.shape[1])
     if noise.dim() != 4 or noise.shape[1] != C or tuple(noise.shape[-2:]) != size:
         raise ValueError(
             f"noise must have shape (B, {C}, {size[0]}, {size[1]}) for this model, got {tuple(noise.shape)}"
         )
+
+
+def _check(model: nn.Module, noise: Tensor, y: Any, text: Any, cfg_scale: float, sampler: Sampler) -> Condition | None:
+    """Validate the inputs of :func:`sample`; returns the condition on ``noise.device`` (``None``:
+    a class model sampled unconditionally, which the network gets as ``None``)."""
+    check_noise_shape(model, noise)
     if noise.is_floating_point() and not bool(torch.isfinite(noise).all()):
         raise ValueError("noise holds NaN or inf values")
     if sampler.needs_uncertainty and not getattr(model, "predict_uncertainty", False):
@@ -187,21 +225,17 @@ def _check(model: nn.Module, noise: Tensor, y: Tensor | None, cfg_scale: float, 
         )
     if sampler.needs_uncertainty and not getattr(model, "per_patch_time", False):
         raise ValueError(f"sampler {sampler.name!r} needs a model with per-patch times (a PFT)")
-    if y is not None:
-        y = torch.as_tensor(y, device=noise.device)
-        if y.shape != (noise.shape[0],):
-            raise ValueError(f"y must have shape ({noise.shape[0]},), got {tuple(y.shape)}")
-        if y.is_floating_point():
-            raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
-        y = y.long()
-        K = model.num_classes
-        if bool(((y < 0) | (y > K)).any()):
-            raise ValueError(
-                f"labels must lie in [0, {K}] ({K} = null class), got min {int(y.min())}, max {int(y.max())}"
-            )
-    elif cfg_scale != 1.0:
-        raise ValueError("classifier-free guidance (cfg_scale != 1) needs labels y")
-    return y
+    if text is not None:
+        if y is not None:
+            raise ValueError("give the conditioning as y= or as text=, not both")
+        if not isinstance(text, TextEmbeddings):
+            raise ValueError(f"text must be TextEmbeddings (e.g. text=encoder(prompts)), got {type(text).__name__}")
+        y = text
+    if y is None and condition_kind(model) != "text":
+        if cfg_scale != 1.0:
+            raise ValueError("classifier-free guidance (cfg_scale != 1) needs labels y")
+        return None
+    return as_condition(y, model, noise.shape[0], device=noise.device)
 
 
 def _raise_if_not_finite(
@@ -237,7 +271,8 @@ def sample(
     sampler: str | Sampler = "euler_pf",
     steps: int | None = None,
     *,
-    y: Tensor | None = None,
+    y: Tensor | Condition | None = None,
+    text: TextEmbeddings | None = None,
     cfg_scale: float = 1.0,
     nfe: int | None = None,
     time_grid: TimeGrid = None,
@@ -250,12 +285,17 @@ def sample(
     """Integrate from ``noise`` (t = 0) to data (t = 1).
 
     Args:
-        model: ``model(x, t, y) -> (v, logvar)``, e.g. a PFT or SiT.
-        noise: ``(B, C, H, W)`` standard normal noise.
+        model: ``model(x, t, cond) -> (v, logvar)``, e.g. a PFT or SiT (class labels), or a text
+            model (``condition_kind = "text"``, :class:`~patchforcing.conditioning.TextTokens`).
+        noise: ``(B, C, H, W)`` standard normal noise (any ``H, W`` divisible by the patch size
+            for a model that takes any size, see :func:`accepts_any_size`).
         sampler: a name in :data:`~patchforcing.sampling.SAMPLERS` or a sampler object.
         steps: outer steps ``K``, a positive integer (default 50 when neither ``nfe`` nor an
             explicit grid is given).
-        y: ``(B,)`` long labels; ``None`` samples unconditionally (null class).
+        y: ``(B,)`` long labels or any :class:`~patchforcing.conditioning.Condition`; ``None``
+            samples a class model unconditionally (null class).
+        text: :class:`~patchforcing.conditioning.TextEmbeddings` of ``B`` captions (e.g.
+            ``encoder(prompts)``) for a text model; give ``y`` or ``text``, exactly one for a text model.
         cfg_scale: classifier-free guidance scale, finite and ``>= 0`` (1 = none, 0 = unconditional).
         nfe: NFE budget per image (a positive integer) instead of ``steps``: the largest ``K``
             whose NFE fits.
@@ -278,8 +318,8 @@ def sample(
         steps = _check_count("steps", steps)
     if nfe is not None:
         nfe = _check_count("nfe", nfe)
-    y = _check(model, noise, y, cfg_scale, sampler_obj)
-    guided = GuidedModel(model, y, cfg_scale, guidance_interval, guide_uncertainty)
+    cond = _check(model, noise, y, text, cfg_scale, sampler_obj)
+    guided = GuidedModel(model, cond, cfg_scale, guidance_interval, guide_uncertainty)
 
     explicit_grid = time_grid is not None and not callable(time_grid) and not isinstance(time_grid, str)
     if nfe is not None:
@@ -293,7 +333,7 @@ def sample(
     planned_calls, planned_nfe = plan_run(sampler_obj, grid, guided)
 
     patch = getattr(model, "patch_size", 1)
-    num_patches = getattr(model, "num_patches", noise.shape[-2] * noise.shape[-1] // (patch * patch))
+    num_patches = (noise.shape[-2] // patch) * (noise.shape[-1] // patch)  # of this noise, not a default size
     recorder = _Recorder(record, patch, num_patches)
     ctx = StepContext(guided, patch, num_patches, recorder)
     x = noise.float() if not noise.is_floating_point() else noise

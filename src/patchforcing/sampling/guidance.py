@@ -1,8 +1,12 @@
 """One network evaluation inside a sampler: classifier-free guidance, NFE accounting.
 
 A *call* is one forward pass of the network; the NFE of an image counts a guided call twice
-(the doubled batch: null labels first, then the real ones). Guidance combines **both** outputs:
-``v = v_u + w (v_c - v_u)`` and, with ``guide_uncertainty``, ``logvar = lv_u + w (lv_c - lv_u)``.
+(the doubled batch :meth:`Condition.doubled <patchforcing.conditioning.Condition.doubled>`: the
+null condition first -- the null class, or the empty caption -- then the real one). Guidance
+combines **both** outputs: ``v = v_u + w (v_c - v_u)`` and, with ``guide_uncertainty``,
+``logvar = lv_u + w (lv_c - lv_u)``. The network is called ``model(x, t, cond.model_input())``:
+class labels reach it as the ``(B,)`` label tensor (exactly as before conditions existed), text as
+:class:`~patchforcing.conditioning.TextTokens`.
 
 Every call also notes, on the device and without a host sync, whether the network's outputs were
 finite; :meth:`GuidedModel.first_nonfinite_call` reads those notes once, at the end of a run.
@@ -17,6 +21,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from ..conditioning import ClassLabels, Condition
 
 __all__ = ["Prediction", "GuidedModel", "check_guidance"]
 
@@ -67,11 +73,14 @@ class Prediction:
 
 
 class GuidedModel:
-    """Calls ``model(x, t, y) -> (v, logvar)`` with optional CFG and counts the work done.
+    """Calls ``model(x, t, cond.model_input()) -> (v, logvar)`` with optional CFG and counts the work done.
 
     Args:
         model: the network.
-        y: ``(B,)`` long labels or ``None`` (unconditional: the null class, never guided).
+        cond: a :class:`~patchforcing.conditioning.Condition` of ``B`` rows (class labels, text
+            embeddings); ``(B,)`` integer labels (class labels with null class
+            ``model.num_classes``); or ``None`` (the network gets ``None``: a class model's null
+            class; never guided).
         cfg_scale: guidance scale ``w``; 1 means no guidance (one plain call).
         guidance_interval: ``(lo, hi)``: guidance only at steps whose start time ``s`` satisfies
             ``lo <= s <= hi``; ``None`` means everywhere.
@@ -81,27 +90,35 @@ class GuidedModel:
 
     def __init__(
         self,
-        model: nn.Module,
-        y: Tensor | None,
+        model: nn.Module | None,
+        cond: Condition | Tensor | None,
         cfg_scale: float = 1.0,
         guidance_interval: tuple[float, float] | None = None,
         guide_uncertainty: bool = True,
     ):
+        if cond is not None and not isinstance(cond, Condition):
+            cond = ClassLabels(torch.as_tensor(cond), model.num_classes)
         self.model = model
-        self.y = y
+        self.cond = cond
         self.cfg_scale, self.guidance_interval = check_guidance(cfg_scale, guidance_interval)
         self.guide_uncertainty = guide_uncertainty
         self.calls = 0
         self.nfe = 0
         self._finite: list[Tensor] = []  # per call: 0-dim bool, all outputs finite (on the device)
-        self._y_doubled: Tensor | None = None
-        if y is not None and self.cfg_scale != 1.0:
-            null = torch.full_like(y, model.num_classes)
-            self._y_doubled = torch.cat([null, y])
+        # the network's third argument, plain and doubled (null rows first), built once per run
+        self._input: Any = None if cond is None else cond.model_input()
+        self._doubled_input: Any = None
+        if cond is not None and self.cfg_scale != 1.0:
+            self._doubled_input = cond.doubled().model_input()
+
+    @property
+    def y(self) -> Any:
+        """What the network gets as its third argument in an unguided call (labels, text tokens, ``None``)."""
+        return self._input
 
     def guided_at(self, s: float) -> bool:
         """Whether a call made in a step starting at time ``s`` is guided (costs 2 NFE)."""
-        if self._y_doubled is None:
+        if self._doubled_input is None:
             return False
         if self.guidance_interval is None:
             return True
@@ -114,7 +131,7 @@ class GuidedModel:
         unknown (a subclass overriding ``guided_at``)."""
         if type(self).guided_at is not GuidedModel.guided_at:
             return None
-        if self._y_doubled is None or self.guidance_interval is None:
+        if self._doubled_input is None or self.guidance_interval is None:
             return ()
         return tuple(self.guidance_interval)
 
@@ -126,14 +143,14 @@ class GuidedModel:
         self.calls += 1
         if not self.guided_at(s):
             self.nfe += 1
-            v, logvar = self.model(x, t, self.y)
+            v, logvar = self.model(x, t, self._input)
             self._note_finite(v, logvar)
             v = v.to(x.dtype)
             logvar = None if logvar is None else logvar.to(x.dtype)
             return Prediction(v, logvar, v)
         self.nfe += 2
         w = self.cfg_scale
-        v2, lv2 = self.model(torch.cat([x, x]), torch.cat([t, t]), self._y_doubled)
+        v2, lv2 = self.model(torch.cat([x, x]), torch.cat([t, t]), self._doubled_input)
         self._note_finite(v2, lv2)
         v_u, v_c = v2.to(x.dtype).chunk(2)
         v = v_u + w * (v_c - v_u)

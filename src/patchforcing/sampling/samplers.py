@@ -1,4 +1,5 @@
-"""ODE integrators: ``euler``, ``euler_pf``, ``dual_loop`` and ``look_ahead`` (docs/method.md section 4).
+"""ODE integrators: ``euler``, ``euler_pf``, ``dual_loop``, ``look_ahead`` (docs/method.md section 4) and the
+``random_context`` control (look-ahead with a random mask of the same size: the paper's "PFT-random").
 
 Every sampler integrates ``dx/dt = v(x, t)`` over an increasing time grid
 ``s_0 < s_1 < ... < s_K`` (t = 0 noise, t = 1 data) and only talks to the network through a
@@ -15,16 +16,18 @@ samplers' option is ``quantile=`` (the paper's ``p``); ``p=`` is accepted as a d
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from ..flow.path import clean_estimate, patch_to_pixel, pixel_to_patch
+from ..utils.seeding import hashed_generator
 from .guidance import GuidedModel, Prediction
 
 __all__ = [
@@ -34,8 +37,11 @@ __all__ = [
     "EulerPF",
     "DualLoop",
     "LookAhead",
+    "RandomContext",
     "CallRecord",
     "certain_mask",
+    "image_keys",
+    "random_mask_like",
     "make_sampler",
     "make_time_grid",
     "resolve_quantile_alias",
@@ -154,12 +160,14 @@ class _Recorder:
 
 @dataclass
 class StepContext:
-    """What a sampler step may use: the guided network, the patch geometry, the recorder."""
+    """What a sampler step may use: the guided network, the patch geometry, the recorder, and
+    ``state``: a per-run scratch mapping (e.g. :class:`RandomContext`'s per-image keys)."""
 
     model: GuidedModel
     patch_size: int
     num_patches: int
     recorder: _Recorder
+    state: dict[str, Any] = field(default_factory=dict)
 
     def full(self, x: Tensor, s: float) -> Tensor:
         """``(B,)`` time ``s`` for every image (the model's shared-time path)."""
@@ -388,7 +396,7 @@ class LookAhead(_QuantileOption, Sampler):
         if s <= self.early_t:
             ctx.recorder.add(k, s, s_next, t, x, pred, None)
             return x + delta * pred.v_cond
-        mask = certain_mask(pred.logvar, self.quantile, ctx.patch_size)
+        mask = self._context_mask(ctx, x, k, pred)
         ctx.recorder.add(k, s, s_next, t, x, pred, mask)
         mpix = ctx.pixels(mask, x)
         s_ctx = min(self.context_ratio * s, 1.0)
@@ -398,8 +406,70 @@ class LookAhead(_QuantileOption, Sampler):
         ctx.recorder.add(k, s, s_next, t_ctx, x_ctx, pred_ctx, mask)
         return x + delta * torch.where(mpix, pred.v, pred_ctx.v)
 
+    def _context_mask(self, ctx: StepContext, x: Tensor, k: int, pred: Prediction) -> Tensor:
+        """``(B, N)`` bool: the patches moved ahead as context (the certain ones)."""
+        return certain_mask(pred.logvar, self.quantile, ctx.patch_size)
 
-SAMPLERS: dict[str, type[Sampler]] = {c.name: c for c in (Euler, EulerPF, DualLoop, LookAhead)}
+
+#: salt of the random context masks (:class:`RandomContext`)
+_RANDOM_CONTEXT_SALT = 0x72616E646F6D  # "random"
+_KEYS = "random_context_keys"
+
+
+def image_keys(x: Tensor) -> list[int]:
+    """One 64-bit key per image of ``x`` ``(B, ...)``: a hash of its float32 bytes (so a key
+    depends on the image alone, never on its batch-mates)."""
+    a = x.detach().float().cpu().contiguous().numpy()
+    return [int.from_bytes(hashlib.blake2b(a[b].tobytes(), digest_size=8).digest(), "little") for b in range(len(a))]
+
+
+def random_mask_like(mask: Tensor, keys: Sequence[int], seed: int, step: int) -> Tensor:
+    """A random ``(B, N)`` bool mask with as many True entries per row as ``mask``.
+
+    Row ``b`` marks the ``mask[b].sum()`` patches with the smallest of ``N`` uniform draws from
+    ``hashed_generator(salt, seed, keys[b], step)``: the same for a given (seed, image key, step)
+    in any batch, on any device."""
+    B, N = mask.shape
+    if len(keys) != B:
+        raise ValueError(f"random_mask_like: {len(keys)} keys for {B} images")
+    draws = [hashed_generator(_RANDOM_CONTEXT_SALT, int(seed), int(key), int(step)) for key in keys]
+    scores = torch.stack([torch.rand(N, generator=g) for g in draws])  # (B, N)
+    rank = scores.argsort(dim=1).argsort(dim=1)  # (B, N) position of each patch in its row's random order
+    return (rank < mask.sum(dim=1, keepdim=True).cpu()).to(mask.device)
+
+
+@_accept_p_alias
+@dataclass(frozen=True)
+class RandomContext(LookAhead):
+    """Random-context control ("PFT-random"): the look-ahead rule with a random context mask.
+
+    Every step is a :class:`LookAhead` step (same calls, same early Euler steps, same context
+    times), except that the patches moved ahead are a random set of the size the uncertainty
+    rule would choose (per image: as many patches as ``certain_mask`` marks). The set is drawn
+    from ``(seed, image key, step)`` (:func:`random_mask_like`), the image key being a hash of
+    the image's initial noise, so a run is deterministic given ``seed`` and its noise and a
+    sample does not depend on its batch-mates. Calls per step: those of look-ahead.
+    """
+
+    name: ClassVar[str] = "random_context"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"random_context: seed must be an integer, got {self.seed!r}")
+
+    def step(self, ctx: StepContext, x: Tensor, k: int, s: float, s_next: float) -> Tensor:
+        if _KEYS not in ctx.state:  # the first step of a run sees the noise
+            ctx.state[_KEYS] = image_keys(x)
+        return super().step(ctx, x, k, s, s_next)
+
+    def _context_mask(self, ctx: StepContext, x: Tensor, k: int, pred: Prediction) -> Tensor:
+        certain = super()._context_mask(ctx, x, k, pred)
+        return random_mask_like(certain, ctx.state[_KEYS], self.seed, k)
+
+
+SAMPLERS: dict[str, type[Sampler]] = {c.name: c for c in (Euler, EulerPF, DualLoop, LookAhead, RandomContext)}
 
 
 def make_sampler(name: str | Sampler, **options: Any) -> Sampler:

@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,24 +27,40 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from ..autoencoders import load_autoencoder
 from ..checkpoints import TRAIN_FORMAT, CheckpointError, load_state_dict_strict, safe_torch_load
 from ..data import build_dataset
-from ..flow.loss import patch_flow_loss, segment_losses
+from ..encoders.vision import VisionEncoderError, load_vision_encoder
+from ..flow.loss import RepaTarget, patch_flow_loss, segment_terms
 from ..flow.timesteps import make_timestep_sampler
 from ..latents import build_latent_dataset, build_online_dataset
 from ..models import PatchForcingTransformer, create_model
+from ..models.registry import is_text_to_image
 from ..sampling import sample
-from ..utils.devices import auto_precision
+from ..utils.devices import auto_precision, resolve_device, torchrun_env
 from ..utils.io import RunLock, RunLockedError, atomic_write, clean_temp_files, ensure_writable_dir, torch_save_atomic
-from ..viz import save_grid
+from ..utils.seeding import item_hash
+from ..viz import prompt_grid, save_grid
 from .config import RESUME_SAFE_KEYS, ExperimentConfig, config_from_dict, config_to_dict, diff_configs, save_config
 from .data_order import EpochIndexed, StepBatchSampler, micro_batch_size
-from .distributed import DistEnv, all_reduce_mean, any_rank, init_distributed, shutdown_distributed
+from .distributed import (
+    DistEnv,
+    all_reduce_mean,
+    any_rank,
+    full_model_state,
+    full_optimizer_state,
+    init_distributed,
+    load_optimizer_state,
+    loadable,
+    local_value,
+    shard_model,
+    shutdown_distributed,
+)
 from .ema import EMA
+from .text import EncodedStream, TextConditioner, build_captioned_data, caption_dropout, stream_micro_batches
 
 __all__ = [
     "Trainer",
@@ -58,9 +74,11 @@ __all__ = [
     "step_generator",
 ]
 
-CSV_COLUMNS = ["step", "loss", "fm", "nll", "grad_norm", "lr", "ema_decay", "images_per_sec", "val_loss"] + [
-    f"val_seg{j}" for j in range(8)
-]
+CSV_COLUMNS = (
+    ["step", "loss", "fm", "nll", "grad_norm", "lr", "ema_decay", "images_per_sec", "val_loss"]
+    + [f"val_seg{j}" for j in range(8)]
+    + ["repa", "val_repa"]  # REPA's alignment term (train, validation); empty without REPA
+)
 
 
 class TrainingError(RuntimeError):
@@ -105,10 +123,11 @@ class _Subset(Dataset):
 
 
 def split_train_val(dataset: Dataset, val_size: int, seed: int = 12345) -> tuple[Dataset, Dataset | None]:
-    """Hold out ``val_size`` items (a fixed, seeded choice) for the validation loss."""
-    n = len(dataset)
-    if val_size <= 0:
+    """Hold out ``val_size`` items (a fixed, seeded choice) for the validation loss (streamed
+    data sets have no items to hold out: no validation)."""
+    if val_size <= 0 or isinstance(dataset, IterableDataset):
         return dataset, None
+    n = len(dataset)
     if val_size >= n // 2:
         raise TrainingError(f"data.val_size={val_size} leaves too little to train on ({n} items)")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -118,8 +137,15 @@ def split_train_val(dataset: Dataset, val_size: int, seed: int = 12345) -> tuple
 def build_data(cfg: ExperimentConfig) -> Dataset:
     """The data set of a config (images in [-1, 1], NCHW)."""
     d = cfg.data
-    if d.kind == "latents":
-        return build_latent_dataset(d, cfg.autoencoder)
+    if cfg.text.encoder is not None:  # text-to-image: items (x, caption)
+        data = build_captioned_data(cfg)
+        if not cfg.autoencoder.online:
+            return data
+        if isinstance(data, IterableDataset):  # streamed: the training step encodes whole batches
+            return EncodedStream(data, cfg.autoencoder, resolve_device(cfg.train.device, torchrun_env().local_rank))
+        return build_online_dataset(data, cfg.autoencoder, seed=d.seed, device=cfg.train.device)
+    if d.kind == "latents":  # (cached REPA features: items are (latent, label, features))
+        return build_latent_dataset(d, cfg.autoencoder, repa_features=cfg.repa.enabled and cfg.repa.source == "cached")
     spec: dict[str, Any] = {"kind": d.kind, "resolution": d.resolution, "seed": d.seed}
     if d.kind == "synthetic":
         spec["num_classes"] = d.num_classes if d.num_classes is not None else 8
@@ -134,10 +160,19 @@ def build_data(cfg: ExperimentConfig) -> Dataset:
     return build_dataset(spec)
 
 
-def build_model_for(cfg: ExperimentConfig, dataset: Dataset | None = None) -> PatchForcingTransformer:
-    """The model of a config; sizes the config leaves open come from the data set."""
+def build_model_for(
+    cfg: ExperimentConfig,
+    dataset: Dataset | None = None,
+    repa: dict[str, int] | None = None,
+    text_dim: int | None = None,
+) -> PatchForcingTransformer:
+    """The model of a config; sizes the config leaves open come from the data set; ``repa``: the
+    projector (``encoder_depth``, ``z_dim``, ``projector_dim``) of a REPA run; ``text_dim``: the
+    text encoder's width (text-to-image presets)."""
     m = cfg.model
     overrides = m.preset_overrides()
+    if repa is not None:
+        overrides["repa"] = repa
     input_size = (
         m.input_size
         or getattr(dataset, "input_size", None)
@@ -145,6 +180,10 @@ def build_model_for(cfg: ExperimentConfig, dataset: Dataset | None = None) -> Pa
         or cfg.data.resolution
     )
     in_channels = m.in_channels or getattr(dataset, "channels", None) or 3
+    if is_text_to_image(m.name):
+        if text_dim is None:
+            raise TrainingError(f"{m.name} is a text-to-image model: set text.encoder")
+        return create_model(m.name, input_size=input_size, in_channels=in_channels, text_dim=text_dim, **overrides)
     num_classes = m.num_classes if m.num_classes is not None else getattr(dataset, "num_classes", None)
     if num_classes is None:
         raise TrainingError("model.num_classes is not set and the data set does not say how many classes it has")
@@ -172,6 +211,18 @@ def apply_label_dropout(y: Tensor, p: float, num_classes: int, generator: torch.
         return y
     drop = torch.rand(y.shape, generator=generator, device=y.device) < p
     return torch.where(drop, torch.full_like(y, num_classes), y)
+
+
+#: salt of the per-step global-RNG seed of text-to-image steps (RoPE jitter)
+_JITTER_SALT = 0x7E47_0000_0001
+
+
+@contextmanager
+def _seeded(ctx, seed: int):
+    """Enter the ``fork_rng`` context ``ctx`` and seed every global RNG with ``seed`` inside it."""
+    with ctx:
+        torch.manual_seed(seed)
+        yield
 
 
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
@@ -219,8 +270,8 @@ class _ModelView:
     def __init__(self, forward: Callable, raw: PatchForcingTransformer):
         self._forward, self._raw = forward, raw
 
-    def __call__(self, x, t, y):
-        return self._forward(x, t, y)
+    def __call__(self, x, t, y, **kwargs):
+        return self._forward(x, t, y, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self._raw, name)
@@ -318,11 +369,18 @@ class Trainer:
         if self.decode is None and spec is not None and spec.kind != "identity" and self.env.is_main:
             self.decode = load_autoencoder(spec, device=self.device)
         self.train_data, self.val_data = split_train_val(data, cfg.data.val_size)
+        repa = self._build_repa(data)
+        self.text = self._build_text(data)
         with torch.random.fork_rng(devices=[]):  # the initial weights depend on train.seed only
             torch.manual_seed(tc.seed)
-            self.model = build_model_for(cfg, data).to(self.device)
-        self.num_classes = self.model.num_classes
+            self.model = build_model_for(cfg, data, repa, self.text.dim if self.text is not None else None)
+        self.fsdp = tc.strategy == "fsdp" and self.env.distributed  # FSDP: built on the CPU, sharded below
+        self.model = self.model if self.fsdp else self.model.to(self.device)
+        self.num_classes = getattr(self.model, "num_classes", 0)
         self.ema = EMA(self.model, cfg.ema.decay, cfg.ema.warmup)
+        if self.fsdp:  # (train.strategy=fsdp) the EMA's shards mirror the model's; it computes in fp32
+            shard_model(self.model, self.env, self.precision)
+            shard_model(self.ema.model, self.env, training=False)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params, lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps, weight_decay=oc.weight_decay
@@ -333,7 +391,7 @@ class Trainer:
         forward: Callable = self.model
         if tc.compile:
             forward = torch.compile(self.model)
-        if self.env.distributed:
+        if self.env.distributed and not self.fsdp:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DDP(forward if isinstance(forward, nn.Module) else self.model, device_ids=ids)
             forward = self.ddp
@@ -344,6 +402,88 @@ class Trainer:
         if resume:
             self._resume()
 
+    # ---- text conditioning (text-to-image, docs/t2i.md) -------------------------------------------
+
+    def _build_text(self, data: Dataset) -> TextConditioner | None:
+        """Load the frozen text encoder and encode every caption of the data once (cached on disk)."""
+        if self.cfg.text.encoder is None:
+            return None
+        try:
+            text = TextConditioner(self.cfg, self.device, self.env)
+        except ValueError as e:  # TextEncoderError, TextCacheError
+            raise TrainingError(f"text.encoder: {e}") from None
+        captions = getattr(data, "captions", None)
+        if captions is not None:
+            text.precompute(list(captions) + list(self.cfg.text.prompts or []))
+        return text
+
+    def _condition(self, y: Any, g: torch.Generator | None, dropout: float) -> Any:
+        """The model's conditioning input of a batch's ``y`` (labels, or captions for a T2I run),
+        with CFG dropout ``dropout`` drawn from ``g``."""
+        if self.text is not None:
+            return caption_dropout(self.text(list(y)), dropout, g).model_input()
+        y = y.to(self.device, non_blocking=True).long()
+        return apply_label_dropout(y, dropout, self.num_classes, g)
+
+    def _grid_prompts(self) -> list[str]:
+        """The prompts of the sample grids: ``text.prompts``, else the first validation captions."""
+        t = self.cfg.text
+        if t.prompts:
+            return list(t.prompts)
+        rows = max(1, self.cfg.sample.num // t.per_prompt)
+        source = self.val_data if self.val_data is not None else None
+        captions = getattr(getattr(source, "dataset", None), "captions", None)
+        if captions is not None:
+            picked = [captions[i] for i in source.indices]
+            return list(dict.fromkeys(picked))[:rows]
+        return [""] * rows
+
+    # ---- REPA (representation alignment, docs/repa.md) -----------------------------------------
+
+    def _build_repa(self, data: Dataset) -> dict[str, int] | None:
+        """Set up REPA's frozen encoder (online; and the VAE decoding latents for it) or check the
+        cached features; returns the model's projector settings (``None``: REPA off)."""
+        r = self.cfg.repa
+        self.repa_encoder = self.repa_decode = self.repa_grid = None
+        if not r.enabled:
+            return None
+        if r.source == "cached":
+            info = getattr(data, "repa_info", None) or {}
+            if r.encoder and r.encoder != info.get("spec"):
+                raise TrainingError(
+                    f"repa.encoder is {r.encoder!r} but the features in {self.cfg.data.path} were made by "
+                    f"{info.get('spec')!r}; set repa.encoder=null (use the store's) or re-encode"
+                )
+            dim, self.repa_grid = int(info["dim"]), tuple(info["grid"])
+        else:
+            try:
+                self.repa_encoder = load_vision_encoder(r.encoder, device=self.device, resolution=r.resolution)
+            except VisionEncoderError as e:
+                raise TrainingError(f"repa.encoder: {e}") from None
+            spec = getattr(data, "autoencoder_spec", None)  # latents: the encoder sees the decoded image
+            if spec is not None and spec.kind != "identity":
+                self.repa_decode = (
+                    self.decode if self.decode is not None else load_autoencoder(spec, device=self.device)
+                )
+            dim = self.repa_encoder.dim
+        if r.z_dim is not None and r.z_dim != dim:
+            raise TrainingError(f"repa.z_dim ({r.z_dim}) must be the encoder's width {dim} (or null)")
+        return {"encoder_depth": r.encoder_depth, "z_dim": dim, "projector_dim": r.projector_dim}
+
+    def _repa_target(self, x: Tensor, extra: list[Tensor]) -> RepaTarget | None:
+        """The REPA target of a batch ``(x, y, *extra)``: cached features (``extra[0]``), or the
+        frozen encoder on the clean images (``x`` itself in pixel space, else decoded latents)."""
+        r = self.cfg.repa
+        if not r.enabled:
+            return None
+        if r.source == "cached":
+            return RepaTarget(features=extra[0].to(self.device), weight=r.weight, grid=self.repa_grid)
+        images = x
+        if self.repa_decode is not None:
+            with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+                images = self.repa_decode(x.float()).clamp(-1, 1)
+        return RepaTarget(self.repa_encoder, images, weight=r.weight)
+
     # ---- checkpoints ------------------------------------------------------------------------
 
     def checkpoint_state(self) -> dict[str, Any]:
@@ -353,9 +493,9 @@ class Trainer:
             "model_config": self.model.config.to_dict(),
             "config": config_to_dict(self.cfg),
             "step": self.step,
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": full_model_state(self.model),  # FSDP: gathered to rank 0 (today's layout)
+            "ema": full_model_state(self.ema.model),
+            "optimizer": full_optimizer_state(self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "data_position": {
                 "step": self.step,
@@ -365,13 +505,14 @@ class Trainer:
             "rng": rng_state(),
             "world_size": self.env.world_size,
             "autoencoder": self.autoencoder_spec,
+            "text_encoder": self.text.info() if self.text is not None else None,
         }
 
     def save_checkpoint(self) -> Path | None:
         """Write ``step_XXXXXXX.pt`` and ``last.pt`` atomically (rank 0); keep the last K."""
         path = None
+        state = self.checkpoint_state() if self.env.is_main or self.fsdp else None  # FSDP: collective
         if self.env.is_main:
-            state = self.checkpoint_state()
             path = torch_save_atomic(state, self.ckpt_dir / f"step_{self.step:07d}.pt")
             tmp = self.ckpt_dir / ".last.pt.link"
             if tmp.exists():
@@ -414,12 +555,12 @@ class Trainer:
             lines = "\n  ".join(f"{k}: run has {a!r}, now {b!r}" for k, a, b in diffs)
             raise TrainingError(f"cannot resume {self.run_dir}: the config differs in\n  {lines}")
         try:
-            load_state_dict_strict(self.model, state["model"], f"{last} [model]")
-            load_state_dict_strict(self.ema.model, state["ema"], f"{last} [ema]")
+            load_state_dict_strict(loadable(self.model), state["model"], f"{last} [model]")
+            load_state_dict_strict(loadable(self.ema.model), state["ema"], f"{last} [ema]")
         except CheckpointError as e:
             raise TrainingError(f"--resume: {e}") from None
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(self.model, self.optimizer, state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
         except (ValueError, KeyError, RuntimeError) as e:
             raise TrainingError(
@@ -444,12 +585,24 @@ class Trainer:
         model = self.ema.model
         n = sc.num
         g = torch.Generator(device=self.device).manual_seed(sc.seed)
+        path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
+        if self.text is not None:  # a row of per_prompt samples per prompt, the prompt under it
+            prompts = self._grid_prompts()
+            k = self.cfg.text.per_prompt
+            n = len(prompts) * k
         noise = torch.randn(n, model.in_channels, *model.image_size, generator=g, device=self.device)
+        if self.text is not None:
+            text = self.text([p for p in prompts for _ in range(k)])
+            res = sample(model, noise, sc.sampler, sc.steps, text=text, cfg_scale=sc.cfg_scale, **sc.options)
+            if self.env.is_main:
+                cfg = f", CFG {sc.cfg_scale:g}" if sc.cfg_scale != 1 else ""
+                title = f"step {self.step} · {sc.sampler} · {res.nfe} NFE{cfg}"
+                prompt_grid(self._to_images(res.x), prompts, path, title=title)
+            return path
         y = torch.arange(n, device=self.device) % max(1, self.num_classes) if self.num_classes > 0 else None
         res = sample(model, noise, sc.sampler, sc.steps, y=y, cfg_scale=sc.cfg_scale, **sc.options)
-
-        path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
-        save_grid(self._to_images(res.x), path, nrow=int(math.ceil(math.sqrt(n))))
+        if self.env.is_main:  # (FSDP: every rank samples, the sharded EMA's forward is collective)
+            save_grid(self._to_images(res.x), path, nrow=int(math.ceil(math.sqrt(n))))
         return path
 
     @torch.no_grad()
@@ -458,14 +611,18 @@ class Trainer:
             return {}
         loader = DataLoader(self.val_data, batch_size=min(256, len(self.val_data)), shuffle=False)
         g = torch.Generator(device=self.device).manual_seed(1234)
-        totals, count = torch.zeros(8), 0
-        for x, y in loader:
-            x, y = x.to(self.device), y.to(self.device)
-            totals += segment_losses(self.ema.model, x, y, num_segments=8, generator=g) * x.shape[0]
+        totals, repa_total, count = torch.zeros(8), torch.zeros(8), 0
+        for x, y, *extra in loader:
+            x, y = x.to(self.device), self._condition(y, None, 0.0)
+            terms = segment_terms(self.ema.model, x, y, 8, g, repa=self._repa_target(x, extra))
+            totals += terms["fm"] * x.shape[0]
+            repa_total += terms.get("repa", torch.zeros(8)) * x.shape[0]
             count += x.shape[0]
         seg = totals / count
         out = {f"val_seg{j}": float(v) for j, v in enumerate(seg)}
         out["val_loss"] = float(seg.mean())
+        if self.cfg.repa.enabled:
+            out["val_repa"] = float(repa_total.mean() / count)
         return out
 
     # ---- the loop -----------------------------------------------------------------------------
@@ -483,7 +640,15 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def _loader(self) -> DataLoader:
+    def _loader(self):
+        if isinstance(self.train_data, IterableDataset):  # streamed shards: resumes at an epoch boundary
+            return stream_micro_batches(
+                self.train_data,
+                self.micro_batch,
+                self.cfg.data.num_workers,
+                start_epoch=self.step,
+                pin_memory=self.device.type == "cuda",
+            )
         sampler = StepBatchSampler(
             len(self.train_data),
             self.cfg.optim.batch_size,
@@ -514,18 +679,35 @@ class Trainer:
         ``fm`` and ``nll`` (scalars, this rank)."""
         cfg = self.cfg
         g = step_generator(cfg.train.seed, self.step, self.env.rank, self.device)
-        accum = cfg.optim.grad_accum
-        totals = {
-            "loss": torch.zeros((), device=self.device),
-            "fm": torch.zeros((), device=self.device),
-            "nll": torch.zeros((), device=self.device),
-        }
+        names = ("loss", "fm", "nll") + (("repa",) if cfg.repa.enabled else ())
+        totals = {k: torch.zeros((), device=self.device) for k in names}
         self.optimizer.zero_grad(set_to_none=True)
-        for m, (x, y) in enumerate(batches):
+        with self._step_global_rng():
+            self._micro_steps(batches, g, totals)
+        return totals
+
+    def _step_global_rng(self):
+        """Text-to-image models draw their RoPE position jitter from the global RNG: seed it from
+        ``(seed, step, rank)`` for the step (and restore it after), so that a resumed run draws
+        what an uninterrupted one does whatever ran in between (validation, sample grids)."""
+        if self.text is None:
+            return nullcontext()
+        devices = [self.device] if self.device.type == "cuda" else []
+        ctx = torch.random.fork_rng(devices=devices)
+        seed = item_hash(_JITTER_SALT, self.cfg.train.seed, self.step, self.env.rank) % (2**63)
+        return _seeded(ctx, seed)
+
+    def _micro_steps(self, batches, g: torch.Generator, totals: dict[str, Tensor]) -> None:
+        cfg = self.cfg
+        accum = cfg.optim.grad_accum
+        for m, (x, y, *extra) in enumerate(batches):
             x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True).long()
-            y = apply_label_dropout(y, cfg.objective.label_dropout, self.num_classes, g)
+            if isinstance(self.train_data, EncodedStream):  # streamed images -> latents, batch-wise
+                x = self.train_data.encode_batch(x, g)
+            y = self._condition(y, g, cfg.objective.label_dropout)
             sync = self.ddp is not None and m < accum - 1
+            if self.fsdp:  # reduce-scatter the gradients after the last micro-batch only
+                self.model.set_requires_gradient_sync(m == accum - 1)
             with self.ddp.no_sync() if sync else nullcontext(), self._autocast():
                 terms = patch_flow_loss(
                     self.forward,
@@ -534,11 +716,11 @@ class Trainer:
                     timestep_sampler=self.timestep_sampler,
                     uncertainty_weight=cfg.objective.uncertainty_weight,
                     generator=g,
+                    **({"repa": self._repa_target(x, extra)} if cfg.repa.enabled else {}),  # REPA: the alignment term
                 )
             (terms["loss"] / accum).backward()
             for k in totals:
                 totals[k] += terms[k].detach().float() / accum
-        return totals
 
     def _apply_gradients(self) -> tuple[Tensor, float, float]:
         """Clip, take the optimiser and scheduler step, update the EMA, advance ``self.step``.
@@ -549,7 +731,9 @@ class Trainer:
         """
         clip = self.cfg.optim.grad_clip
         # grad_clip <= 0: off (an infinite bound measures the norm and leaves the gradients alone)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+        grad_norm = local_value(  # (FSDP: a replicated DTensor)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+        )
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -610,11 +794,14 @@ class Trainer:
                         ema_decay=decay,
                         images_per_sec=ips,
                     )
+                    if "repa" in totals:
+                        row["repa"] = float(all_reduce_mean(totals["repa"], env))
                     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{ips:.0f}")
                 val_every = tc.val_every or tc.sample_every
-                if env.is_main and (self.step % val_every == 0 or self.step == tc.max_steps):
+                # FSDP: validation and samples run on every rank (the sharded EMA's forward is collective)
+                if (env.is_main or self.fsdp) and (self.step % val_every == 0 or self.step == tc.max_steps):
                     row.update(self.validation())
-                if env.is_main and (self.step % tc.sample_every == 0 or self.step == tc.max_steps):
+                if (env.is_main or self.fsdp) and (self.step % tc.sample_every == 0 or self.step == tc.max_steps):
                     self.sample_grid()
                 if "val_loss" in row or self.step % tc.sample_every == 0:
                     seen, t_last = 0, time.perf_counter()  # images/s counts training time only

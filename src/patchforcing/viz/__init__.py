@@ -11,6 +11,7 @@ Figures are drawn on :class:`matplotlib.figure.Figure` objects (never pyplot); t
   :func:`uncertainty_time_figure` (several images x several steps), :func:`sampler_comparison`.
 * :mod:`.trajectory`: :func:`trajectory_sheet`, :func:`trajectory_gif` (one image's run, call by
   call) and :func:`render_trajectory` (sample, then draw; ``patchforcing viz``).
+* :mod:`.prompts`: :func:`prompt_grid` (text-to-image: a row of samples per prompt, the prompt under it).
 * :mod:`.charts`: :func:`line_chart`, :func:`scatter_density`, :func:`histogram_chart`, :func:`hstack`.
 
 Latent models: the trajectory pictures take a ``decode`` callable ``(B, C, h, w) -> (B, 3, H, W)``
@@ -20,6 +21,7 @@ Latent models: the trajectory pictures take a ``decode`` callable ``(B, C, h, w)
 from .charts import Series, histogram_chart, hstack, line_chart, scatter_density
 from .grid import make_grid, save_grid, to_uint8_images
 from .maps import CMAPS, colorbar, colorize, patch_map_image, sampler_comparison, uncertainty_time_figure
+from .prompts import prompt_grid
 from .style import BASE_RC, COLORS, DEFAULT_STYLE, Style
 from .trajectory import TrajectoryResult, render_trajectory, trajectory_gif, trajectory_sheet
 
@@ -38,6 +40,7 @@ __all__ = [
     "line_chart",
     "make_grid",
     "patch_map_image",
+    "prompt_grid",
     "render_trajectory",
     "sampler_comparison",
     "save_grid",

@@ -3,7 +3,7 @@
 Built on OmegaConf structured configs: the section dataclasses below are the schema (every field,
 its type and its default), and OmegaConf parses the YAML, merges files and overrides into the
 schema and checks keys and types. A config is a YAML mapping with an optional top-level ``name``,
-an optional ``base`` and eight sections, each a mapping of fields::
+an optional ``base`` and the sections, each a mapping of fields::
 
     base: demo                 # optional: start from this preset (or file), then apply this file
     name: pft-b2-imagenet256
@@ -15,6 +15,7 @@ an optional ``base`` and eight sections, each a mapping of fields::
     ema:       {decay: 0.9999}
     sample:    {sampler: euler_pf, steps: 50}
     train:     {max_steps: 400000, precision: auto}
+    repa:      {enabled: false}   # REPA alignment (docs/repa.md)
 
 Any key may be left out (the parent's value, else the default, fills in); a section may be left
 out or empty; an empty file is refused. An unknown key, at any depth, is an error naming the dotted
@@ -67,8 +68,10 @@ from .schema import (
     AUTOENCODER_CONFIG_KINDS,
     DATA_KINDS,
     PRECISIONS,
+    REPA_SOURCES,
     RESUME_SAFE_KEYS,
     SAMPLE_SAMPLERS,
+    TRAIN_STRATEGIES,
     AutoencoderSection,
     ConfigError,
     DataSection,
@@ -77,6 +80,7 @@ from .schema import (
     ModelSection,
     ObjectiveSection,
     OptimSection,
+    RepaSection,
     SampleSection,
     TrainSection,
 )
@@ -90,12 +94,15 @@ __all__ = [
     "OptimSection",
     "EmaSection",
     "SampleSection",
+    "RepaSection",
     "TrainSection",
     "ExperimentConfig",
     "DATA_KINDS",
     "AUTOENCODER_CONFIG_KINDS",
     "PRECISIONS",
+    "REPA_SOURCES",
     "SAMPLE_SAMPLERS",
+    "TRAIN_STRATEGIES",
     "RESUME_SAFE_KEYS",
     "load_config",
     "apply_overrides",

@@ -11,16 +11,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...sampling import SAMPLERS
+from ..distributed import STRATEGIES
 
 #: allowed ``data.kind`` values
-DATA_KINDS: tuple[str, ...] = ("synthetic", "folder", "npz", "latents")
+DATA_KINDS: tuple[str, ...] = ("synthetic", "folder", "npz", "latents", "shards")
 #: data kinds that read files and therefore need ``data.path``
-_KINDS_WITH_PATH: tuple[str, ...] = ("folder", "npz", "latents")
+_KINDS_WITH_PATH: tuple[str, ...] = ("folder", "npz", "latents", "shards")
+#: data kinds that carry captions (text-to-image training, ``text.encoder`` set)
+CAPTIONED_DATA_KINDS: tuple[str, ...] = ("folder", "npz", "shards")
 #: allowed ``autoencoder.kind`` values (``auto``: from the latents' index or the VAE folder's config)
-AUTOENCODER_CONFIG_KINDS: tuple[str, ...] = ("auto", "kl", "tiny", "identity")
+AUTOENCODER_CONFIG_KINDS: tuple[str, ...] = ("auto", "kl", "tiny", "flux2", "identity")
 #: allowed ``train.precision`` values (``auto``: bf16 autocast on CUDA and on CPUs with native bf16
 #: units (AMX, AVX-512 BF16), fp32 otherwise)
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+#: allowed ``train.strategy`` values (multi-process runs): ``ddp`` (default) or ``fsdp`` (FSDP2 sharding)
+TRAIN_STRATEGIES: tuple[str, ...] = STRATEGIES
+#: allowed ``repa.source`` values: the encoder runs in the training step, or features cached by ``encode``
+REPA_SOURCES: tuple[str, ...] = ("online", "cached")
 #: allowed ``sample.sampler`` values: the names in :data:`patchforcing.sampling.SAMPLERS`
 SAMPLE_SAMPLERS: tuple[str, ...] = tuple(SAMPLERS)
 #: keys that may differ between a checkpoint's config and the config used to resume from it
@@ -66,19 +73,24 @@ class ModelSection:
     hidden_size: int | None = None
     num_heads: int | None = None
     mlp_ratio: float | None = None
+    rope_jitter: float | None = None
 
     def preset_overrides(self) -> dict[str, Any]:
         """The architecture fields that are set (not ``None``), as ``create_model`` keyword
-        arguments: ``create_model(name, input_size=..., ..., **section.preset_overrides())``."""
-        keys = ("depth", "hidden_size", "num_heads", "mlp_ratio")
+        arguments: ``create_model(name, input_size=..., ..., **section.preset_overrides())``.
+        ``rope_jitter`` (text-to-image presets only): RoPE position jitter in patch cells during
+        training (``null``: the preset's, 0.5 for the 1.2B presets, 0 for the tiny ones)."""
+        keys = ("depth", "hidden_size", "num_heads", "mlp_ratio", "rope_jitter")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
 @dataclass
 class DataSection:
     """The training data. ``kind``: ``synthetic`` (built-in procedural shapes, no files),
-    ``folder`` (ImageNet-layout image folder), ``npz`` (uint8 image arrays) or ``latents``
-    (pre-encoded VAE latents made by ``patchforcing encode``). ``path`` is required for all but
+    ``folder`` (ImageNet-layout image folder; with ``text.encoder``: images with sidecar ``.txt``
+    captions), ``npz`` (uint8 image arrays; with ``text.encoder``: its ``captions`` array),
+    ``latents`` (pre-encoded VAE latents made by ``patchforcing encode``) or ``shards`` (WebDataset
+    ``.tar`` shards of captioned images, a brace pattern such as ``shards/{000000..000999}.tar``). ``path`` is required for all but
     ``synthetic``; a relative path is resolved against the current working directory.
     ``num_classes``/``length``: number of classes (default 8) and items of the synthetic set.
     ``val_size`` items are held out for the validation loss."""
@@ -100,7 +112,8 @@ class AutoencoderSection:
     it encodes online, decodes the sample grids and is recorded in checkpoints and exports.
 
     ``kind``: ``auto`` (from the latents' index or the VAE folder's ``config.json``), ``kl`` (SD
-    VAE, diffusers ``AutoencoderKL``), ``tiny`` (TAESD) or ``identity`` (pixel space).
+    VAE, diffusers ``AutoencoderKL``), ``tiny`` (TAESD), ``flux2`` (the FLUX.2 VAE, 32 channels,
+    diffusers ``AutoencoderKLFlux2``) or ``identity`` (pixel space).
     ``source``: hub id (``stabilityai/sd-vae-ft-ema``) or local VAE folder; with ``data.kind:
     latents``, ``null`` = the VAE recorded in the latents' index, and a value only says where that
     VAE's weights are (e.g. a local copy). ``scale_factor``, ``shift_factor`` (scalar) or
@@ -171,7 +184,11 @@ class SampleSection:
 class TrainSection:
     """The loop: step budget, seed, precision (``auto``: bf16 on CUDA and on CPUs with native bf16 units, else fp32), intervals
     (in optimizer steps) of logging, checkpoints (``keep_last`` kept), samples and validation
-    (``val_every: null`` = ``sample_every``), device (``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...)."""
+    (``val_every: null`` = ``sample_every``), device (``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...).
+    ``strategy``: how a torchrun (multi-process) run splits the work: ``ddp`` (every rank holds the
+    whole model) or ``fsdp`` (FSDP2: weights, gradients, AdamW state and EMA sharded over the ranks,
+    for models that do not fit one device; :mod:`patchforcing.training.distributed`). A single
+    process ignores it; checkpoints are the same single file either way."""
 
     max_steps: int = 400000
     seed: int = 0
@@ -184,11 +201,52 @@ class TrainSection:
     val_every: int | None = None
     device: str = "auto"
     progress: bool = True
+    strategy: str = "ddp"
+
+
+@dataclass
+class RepaSection:
+    """REPA, representation alignment (``docs/repa.md``): with ``enabled`` the model gets a projector
+    (``encoder_depth``, ``projector_dim``, ``z_dim``; ``null`` = the encoder's width) and the loss
+    adds ``weight`` times the negative cosine similarity of its projected tokens to a frozen
+    encoder's patch features of the clean image. ``encoder``: ``dinov2-b`` (``-s``, ``-l``, ``-g``),
+    a DINOv2 hub id or local directory, or ``classifier:CKPT`` (offline); ``resolution``: the
+    DINOv2 input side (``null``: 224 for 256-pixel images). ``source``: ``online`` (the encoder
+    runs in the training step on the images, decoded from latents for ``data.kind: latents``) or
+    ``cached`` (features stored by ``patchforcing encode --repa-encoder``; ``encoder`` may be
+    ``null`` = the store's)."""
+
+    enabled: bool = False
+    encoder: str | None = None
+    encoder_depth: int = 8
+    z_dim: int | None = None
+    projector_dim: int = 2048
+    weight: float = 0.5
+    source: str = "online"
+    resolution: int | None = None
+
+
+@dataclass
+class TextSection:
+    """Text-to-image conditioning (``docs/t2i.md``): with ``encoder`` set the model is a T2I preset
+    (``PFT-T2I-...``) conditioned on a frozen text encoder's states of each image's caption.
+    ``encoder``: ``minilm`` (offline), a hub id (``Qwen/Qwen3-VL-Embedding-2B``) or a local
+    directory; ``max_length``: tokens per caption (``null``: the encoder family's default).
+    Caption embeddings are computed once and cached in ``cache_dir`` (``null``:
+    ``$PATCHFORCING_CACHE/caption-embeddings``), keyed by the encoder's fingerprint and the caption.
+    ``objective.label_dropout`` replaces captions by the empty caption (CFG dropout). The sample
+    grids show ``prompts`` (``null``: the first validation captions), ``per_prompt`` samples each."""
+
+    encoder: str | None = None
+    max_length: int | None = None
+    cache_dir: str | None = None
+    prompts: list[str] | None = None
+    per_prompt: int = 4
 
 
 @dataclass
 class ExperimentConfig:
-    """A whole experiment: a name (the run directory is ``runs/<name>``) and the eight sections."""
+    """A whole experiment: a name (the run directory is ``runs/<name>``) and its sections."""
 
     name: str = "experiment"
     model: ModelSection = field(default_factory=ModelSection)
@@ -199,6 +257,8 @@ class ExperimentConfig:
     ema: EmaSection = field(default_factory=EmaSection)
     sample: SampleSection = field(default_factory=SampleSection)
     train: TrainSection = field(default_factory=TrainSection)
+    repa: RepaSection = field(default_factory=RepaSection)
+    text: TextSection = field(default_factory=TextSection)
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -9,14 +9,17 @@ import os
 from typing import Any
 
 from ...flow.timesteps import TIMESTEP_SAMPLERS, make_timestep_sampler
-from ...models.registry import parse_model_name
+from ...models.registry import is_text_to_image, parse_model_name
 from .schema import (
     _KINDS_WITH_PATH,
     _SECTIONS,
     AUTOENCODER_CONFIG_KINDS,
+    CAPTIONED_DATA_KINDS,
     DATA_KINDS,
     PRECISIONS,
+    REPA_SOURCES,
     SAMPLE_SAMPLERS,
+    TRAIN_STRATEGIES,
     ConfigError,
     ExperimentConfig,
 )
@@ -78,6 +81,11 @@ def _validate(cfg: ExperimentConfig) -> None:
         v = getattr(m, k)
         need(v is None or v >= 1, f"model.{k} must be >= 1 (or null), got {v}")
     need(m.mlp_ratio is None or m.mlp_ratio > 0, f"model.mlp_ratio must be > 0 (or null), got {m.mlp_ratio}")
+    need(m.rope_jitter is None or m.rope_jitter >= 0, f"model.rope_jitter must be >= 0 (or null), got {m.rope_jitter}")
+    need(
+        m.rope_jitter is None or is_text_to_image(m.name),
+        f"model.rope_jitter is for text-to-image presets (RoPE); {m.name!r} has a fixed position table",
+    )
     if preset is not None:
         hidden = m.hidden_size if m.hidden_size is not None else preset["hidden_size"]
         heads = m.num_heads if m.num_heads is not None else preset["num_heads"]
@@ -92,7 +100,7 @@ def _validate(cfg: ExperimentConfig) -> None:
                 m.input_size % patch == 0,
                 f"model.input_size ({m.input_size}) must be a multiple of the patch size {patch} of {m.name}",
             )
-        elif d.kind in ("synthetic", "folder", "npz") and d.resolution >= 1 and not cfg.autoencoder.online:
+        elif d.kind in ("synthetic", "folder", "npz", "shards") and d.resolution >= 1 and not cfg.autoencoder.online:
             need(
                 d.resolution % patch == 0,
                 f"data.resolution ({d.resolution}) must be a multiple of "
@@ -190,11 +198,59 @@ def _validate(cfg: ExperimentConfig) -> None:
     # train
     need(t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}")
     need(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}; got {t.precision!r}")
+    need(
+        t.strategy in TRAIN_STRATEGIES,
+        f"train.strategy must be one of {', '.join(TRAIN_STRATEGIES)} (ddp: replicated, fsdp: sharded); "
+        f"got {t.strategy!r}",
+    )
     need(t.keep_last >= 1, f"train.keep_last must be >= 1, got {t.keep_last}")
     for k in ("log_every", "ckpt_every", "sample_every", "val_every"):
         v = getattr(t, k)
         need(v is None or v >= 1, f"train.{k} must be >= 1, got {v}")
     need(bool(t.device), "train.device must not be empty (use 'auto')")
+
+    # repa
+    r = cfg.repa
+    if r.enabled:
+        need(r.source in REPA_SOURCES, f"repa.source must be one of {', '.join(REPA_SOURCES)}; got {r.source!r}")
+        if r.source == "online":
+            need(bool(r.encoder), "repa.encoder is required for repa.source 'online' (e.g. dinov2-b, classifier:CKPT)")
+        if r.source == "cached":
+            need(
+                d.kind == "latents",
+                "repa.source 'cached' reads features stored with latents: needs data.kind 'latents'",
+            )
+        depth = m.depth if m.depth is not None else (preset["depth"] if preset is not None else None)
+        need(r.encoder_depth >= 1, f"repa.encoder_depth must be >= 1, got {r.encoder_depth}")
+        if depth is not None and r.encoder_depth >= 1:
+            need(r.encoder_depth <= depth, f"repa.encoder_depth ({r.encoder_depth}) exceeds the model depth ({depth})")
+        need(r.z_dim is None or r.z_dim >= 1, f"repa.z_dim must be >= 1 (or null), got {r.z_dim}")
+        need(r.projector_dim >= 1, f"repa.projector_dim must be >= 1, got {r.projector_dim}")
+        need(r.weight >= 0, f"repa.weight must be >= 0, got {r.weight}")
+        need(r.resolution is None or r.resolution >= 1, f"repa.resolution must be >= 1 (or null), got {r.resolution}")
+
+    # text
+    x = cfg.text
+    t2i = is_text_to_image(m.name)
+    if x.encoder is not None:
+        need(bool(str(x.encoder).strip()), "text.encoder must not be empty (minilm, a hub id or a local directory)")
+        need(t2i, f"text.encoder is set but model.name {m.name!r} is not a text-to-image preset (e.g. PFT-T2I-T/2)")
+        need(
+            d.kind in CAPTIONED_DATA_KINDS,
+            f"text-to-image training needs captioned data: data.kind must be one of {', '.join(CAPTIONED_DATA_KINDS)}; "
+            f"got {d.kind!r}",
+        )
+        need(not r.enabled, "repa is not supported for text-to-image models")
+    else:
+        need(not t2i, f"model.name {m.name!r} is a text-to-image preset: set text.encoder (e.g. minilm)")
+        need(d.kind != "shards", "data.kind 'shards' holds captioned images: set text.encoder and a T2I model")
+    need(x.max_length is None or x.max_length >= 1, f"text.max_length must be >= 1 (or null), got {x.max_length}")
+    need(x.per_prompt >= 1, f"text.per_prompt must be >= 1, got {x.per_prompt}")
+    if x.prompts is not None:
+        need(
+            len(x.prompts) >= 1 and all(isinstance(p, str) for p in x.prompts),
+            "text.prompts must be a non-empty list of strings (or null)",
+        )
 
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems) if len(problems) > 1 else problems[0])

@@ -1,0 +1,144 @@
+"""Does a text-to-image run follow its prompts? Category accuracy and FD_classifier per sampler.
+
+For a T2I run on a captioned, labelled ``.npz`` (the Google emoji set: 9 categories), this takes
+the run's held-out captions (the trainer's validation split), a category-balanced set of them
+(the same number per category), generates ``--per-prompt`` images per caption with each sampler
+at the same NFE and CFG scale (shared noise per sample index), classifies them with a
+``patchforcing train-classifier`` network trained on the real images, and reports:
+
+* the share of images whose predicted category is their prompt's category, its chance level
+  (1/K for a balanced set) and a Wilson 95 % interval;
+* FD_classifier of the generated images against the held-out real images of the same captions'
+  categories (all real images), next to the real-vs-real floor (two disjoint real sets of the
+  same size);
+* a prompt grid per sampler (``OUT/<sampler>.png``) and ``OUT/results.json``.
+
+    python benchmarks/t2i_emoji.py RUN --classifier CLF.pt --data ../shared/datasets/emoji-google-64.npz \\
+        --nfe 20 --cfg 3 --per-prompt 8 --out t2i-eval/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from _common import cpu_model
+from patchforcing import load_model
+from patchforcing.data.captions import CaptionedNpzDataset
+from patchforcing.encoders.text import load_text_encoder_for
+from patchforcing.evaluation.category import category_accuracy
+from patchforcing.evaluation.features import ClassifierFeatures
+from patchforcing.evaluation.frechet import frechet_distance_from_features
+from patchforcing.sampling.generate import GenerationSpec, sample_indices
+from patchforcing.training.config import load_config
+from patchforcing.training.trainer import split_train_val
+from patchforcing.utils.images import to_uint8
+from patchforcing.viz import prompt_grid
+
+
+def balanced_prompts(ds: CaptionedNpzDataset, indices: list[int], cap: int) -> tuple[list[str], list[int]]:
+    """The first ``n`` held-out captions of every category, ``n`` = min(cap, smallest category)."""
+    by_cat: dict[int, list[int]] = {}
+    for i in indices:
+        by_cat.setdefault(int(ds.labels[i]), []).append(i)
+    n = min(cap, min(len(v) for v in by_cat.values()))
+    chosen = [i for c in sorted(by_cat) for i in by_cat[c][:n]]
+    return [ds.captions[i] for i in chosen], [int(ds.labels[i]) for i in chosen]
+
+
+def features(clf: ClassifierFeatures, images_uint8: np.ndarray) -> np.ndarray:
+    out = [clf(images_uint8[s : s + 256])["pool"].numpy() for s in range(0, len(images_uint8), 256)]
+    return np.concatenate(out)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="a T2I run directory")
+    p.add_argument("--classifier", required=True, help="train-classifier checkpoint trained on the real images")
+    p.add_argument("--data", required=True, help="the captioned, labelled .npz the run trained on")
+    p.add_argument("--samplers", default="euler_pf,dual_loop,look_ahead")
+    p.add_argument("--nfe", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=3.0)
+    p.add_argument("--per-prompt", type=int, default=8)
+    p.add_argument("--cap", type=int, default=8, help="held-out captions per category (at most)")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_grad_enabled(False)
+
+    cfg = load_config(Path(args.run) / "config.yaml")
+    ds = CaptionedNpzDataset(args.data, resolution=cfg.data.resolution)
+    _, val = split_train_val(ds, cfg.data.val_size)
+    prompts, cats = balanced_prompts(ds, list(val.indices), args.cap)
+    k = args.per_prompt
+    categories = np.repeat(np.asarray(cats), k)
+    print(f"{len(prompts)} held-out prompts ({len(prompts) // len(set(cats))} per category), {k} images each")
+
+    model = load_model(args.run).eval()
+    enc = load_text_encoder_for(args.run, model=model, device="cpu")
+    clf = ClassifierFeatures(args.classifier)
+
+    real = np.stack([to_uint8(ds[i][0]).permute(1, 2, 0).numpy() for i in range(len(ds))])
+    n = len(categories)
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(len(real))
+    real_a, real_b = real[perm[:n]], real[perm[n : 2 * n]]
+    f_real_all = features(clf, real)
+    floor = frechet_distance_from_features(features(clf, real_a), features(clf, real_b))
+    acc_real = category_accuracy(real_a, ds.labels[perm[:n]], clf)
+
+    results = {
+        "cpu": cpu_model(),
+        "run": str(args.run),
+        "nfe": args.nfe,
+        "cfg": args.cfg,
+        "prompts": len(prompts),
+        "images_per_sampler": n,
+        "fd_floor_real_vs_real": floor,
+        "real_accuracy": acc_real.accuracy,
+        "samplers": {},
+    }
+    for name in args.samplers.split(","):
+        spec = GenerationSpec(
+            num_samples=n, batch_size=64, seed=0, sampler=name, nfe=args.nfe, cfg_scale=args.cfg,
+            prompts=prompts, samples_per_prompt=k,
+        )  # fmt: skip
+        t0 = time.perf_counter()
+        images, _, res = sample_indices(model, spec, range(n), device=torch.device("cpu"), encoder=enc)
+        seconds = time.perf_counter() - t0
+        u8 = to_uint8(images).permute(0, 2, 3, 1).numpy()
+        acc = category_accuracy(u8, categories, clf)
+        fd = frechet_distance_from_features(features(clf, u8), f_real_all)
+        results["samplers"][name] = {
+            "nfe": res.nfe,
+            "steps": res.steps,
+            "accuracy": acc.accuracy,
+            "ci95": list(acc.ci95),
+            "chance": acc.chance,
+            "chance_uniform": acc.chance_uniform,
+            "fd_classifier": fd,
+            "seconds": seconds,
+        }
+        rows = list(range(0, len(prompts), max(1, len(prompts) // 9)))[:9]
+        sel = torch.cat([images[r * k : r * k + min(k, 6)] for r in rows])
+        prompt_grid(
+            sel, [prompts[r] for r in rows], out / f"{name}.png", title=f"{name} · {res.nfe} NFE · CFG {args.cfg:g}"
+        )
+        print(
+            f"{name:12s} NFE {res.nfe:3d}  accuracy {acc.accuracy:.3f} [{acc.ci95[0]:.3f}, {acc.ci95[1]:.3f}] "
+            f"(chance {acc.chance_uniform:.3f})  FD_classifier {fd:.2f} (floor {floor:.2f})  {seconds:.0f} s"
+        )
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"real images: accuracy {acc_real.accuracy:.3f}; wrote {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The real images of a study: the held-out reference, the real-vs-real floor, the sample labels.
+
+* **reference**: the held-out split the trainer sets aside for its validation loss
+  (``data.val_size`` items, the same fixed choice as :func:`~patchforcing.training.trainer.split_train_val`):
+  never trained on by any arm or by the study's classifier. Every FD is measured against it.
+* **labels**: sample ``i`` of every run, sampler and NFE gets the label of training item
+  ``order[i % M]`` (``order`` a permutation seeded by the study's sample seed, ``M = min(#train,
+  10000)``), so the samples follow the training label distribution and sample ``i``'s label is the
+  same everywhere.
+* **floor**: the training items ``order[:n]`` (``n = min(num_samples, #train)``), i.e. real images
+  with exactly the samples' labels, scored like samples: the FD a generator that reproduces the
+  training images would reach at this sample count (the "real-vs-real floor").
+
+Images are read without flips and, for latent data, decoded by the data's autoencoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..autoencoders import load_autoencoder
+from ..training.config import ExperimentConfig, apply_overrides
+from ..training.trainer import build_data, split_train_val
+from ..utils.images import to_uint8
+from .spec import StudyError
+
+__all__ = ["RealSets", "real_sets", "check_held_out", "data_identity", "LabelledView", "MAX_LABELS"]
+
+#: at most this many training labels are listed (sample i takes label ``i % MAX_LABELS``)
+MAX_LABELS = 10_000
+_BATCH = 64
+
+
+class LabelledView(Dataset):
+    """``base[indices[i]]`` with the data-set attributes :func:`~patchforcing.evaluation.train_classifier`
+    reads (``num_classes``, ``resolution``, ``class_names``) and ``set_epoch`` forwarded."""
+
+    def __init__(self, base: Any, indices: list[int]):
+        self.base, self.indices = base, list(indices)
+        self.num_classes = int(base.num_classes)
+        self.resolution = int(getattr(base, "resolution", 0) or 0)
+        self.class_names = getattr(base, "class_names", None)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def __getitem__(self, i: int):
+        return self.base[self.indices[i]]
+
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Items ``indices`` as ``(images (B, 3, R, R), labels (B,))``; vectorised when the base
+        data set renders batches (:class:`~patchforcing.data.SyntheticShapes`)."""
+        idx = [self.indices[i] for i in indices]
+        if hasattr(self.base, "batch"):
+            return self.base.batch(idx)
+        items = [self.base[i] for i in idx]
+        return torch.stack([torch.as_tensor(x) for x, _ in items]), torch.tensor([int(y) for _, y in items])
+
+
+@dataclass
+class RealSets:
+    """Real images (``uint8 (n, H, W, 3)``) and the shared sample labels of a study.
+
+    Attributes:
+        reference: the held-out images; floor: training images with the samples' labels.
+        classes: label of sample ``i`` is ``classes[i % len(classes)]``.
+        num_train, num_classes: training split size and classes.
+        classifier_data: the training split (with the config's flips) for the study's classifier;
+            ``None`` for latent data (no pixels to train on).
+        pixel_space: whether the model works on pixels (no autoencoder).
+    """
+
+    reference: np.ndarray
+    floor: np.ndarray
+    classes: list[int]
+    num_train: int
+    num_classes: int
+    classifier_data: LabelledView | None
+    pixel_space: bool
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "reference_images": int(len(self.reference)),
+            "floor_images": int(len(self.floor)),
+            "train_items": int(self.num_train),
+            "num_classes": int(self.num_classes),
+            "resolution": int(self.reference.shape[1]),
+        }
+
+
+def _labels_of(subset: Any, order: list[int]) -> list[int]:
+    base, idx = getattr(subset, "dataset", None), getattr(subset, "indices", None)
+    labels = getattr(base, "labels", None)
+    if labels is not None and idx is not None:
+        arr = np.asarray(labels)
+        return [int(arr[idx[i]]) for i in order]
+    return [int(subset[i][1]) for i in order]
+
+
+def _images(items: Any, indices: list[int], decode: Any, device: torch.device) -> np.ndarray:
+    out = []
+    for s in range(0, len(indices), _BATCH):
+        x = torch.stack([torch.as_tensor(items[i][0]) for i in indices[s : s + _BATCH]]).to(device)
+        if decode is not None:
+            x = decode(x)
+        out.append(to_uint8(x.float()).permute(0, 2, 3, 1).cpu().numpy())
+    if not out:
+        raise StudyError("no real images to read")
+    return np.ascontiguousarray(np.concatenate(out))
+
+
+def check_held_out(cfg: ExperimentConfig) -> None:
+    """Raises :class:`StudyError` when the config holds no images out (``data.val_size < 2``)."""
+    if cfg.data.val_size < 2:
+        raise StudyError(
+            f"the study measures FD against held-out images, but data.val_size={cfg.data.val_size}; "
+            "set data.val_size (e.g. data.val_size=512)"
+        )
+
+
+def real_sets(cfg: ExperimentConfig, num_samples: int, seed: int = 0, device: torch.device | str = "cpu") -> RealSets:
+    """The reference, floor and labels of a study on ``cfg``'s data (see the module docstring).
+
+    Raises:
+        StudyError: ``data.val_size`` is 0 (no held-out images) or the data has no classes.
+    """
+    device = torch.device(device)
+    check_held_out(cfg)
+    plain = apply_overrides(cfg, ["data.flip=false"]) if cfg.data.kind != "latents" else cfg
+    data = build_data(plain)
+    train, val = split_train_val(data, cfg.data.val_size)
+    spec = getattr(data, "autoencoder_spec", None)
+    decode = None
+    if spec is not None and spec.kind != "identity":
+        decode = load_autoencoder(spec, device=device).decode
+    num_classes = int(getattr(data, "num_classes", 0) or 0)
+    n_train = len(train)
+    g = torch.Generator().manual_seed(int(seed))
+    order = torch.randperm(n_train, generator=g).tolist()
+    head = order[: min(n_train, MAX_LABELS)]
+    classes = _labels_of(train, head) if num_classes > 0 else [0]
+    n_floor = min(int(num_samples), n_train)
+    reference = _images(val, list(range(len(val))), decode, device)
+    floor = _images(train, order[:n_floor], decode, device)
+    view = None
+    if decode is None and cfg.data.kind != "latents" and num_classes >= 2:
+        train_flip, _ = split_train_val(build_data(cfg), cfg.data.val_size)
+        view = LabelledView(train_flip.dataset, list(train_flip.indices))
+    return RealSets(
+        reference=reference,
+        floor=floor,
+        classes=classes,
+        num_train=n_train,
+        num_classes=num_classes,
+        classifier_data=view,
+        pixel_space=decode is None,
+    )
+
+
+def data_identity(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What the real images depend on (for caches): the data section."""
+    return dataclasses.asdict(cfg.data) | {"num_workers": None}

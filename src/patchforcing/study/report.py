@@ -1,0 +1,266 @@
+"""``study.md`` (the paper-style table and the differences) and the figures of a study."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..viz import COLORS, Series, line_chart, sampler_comparison
+from .spec import StudySpec
+
+__all__ = ["write_report", "write_figures", "metric_name", "SAMPLER_MARK", "ARM_MARK"]
+
+SAMPLER_MARK = "†"
+ARM_MARK = "*"
+_MARKERS = ("o", "s", "D", "^", "x")
+
+
+def metric_name(summary: dict[str, Any]) -> str:
+    return "FID" if summary["features"].get("name") == "inception" else "FD_classifier"
+
+
+def _num(v: Any, digits: int = 4) -> str:
+    return "n/a" if v is None or not np.isfinite(v) else f"{v:.{digits}g}"
+
+
+def _ci(lo: Any, hi: Any) -> str:
+    return f"[{_num(lo)}, {_num(hi)}]" if lo is not None and hi is not None and np.isfinite(lo) else "[n/a]"
+
+
+def _marks(row: dict[str, Any]) -> str:
+    m = ""
+    if row.get("vs_sampler", {}).get("significant"):
+        m += SAMPLER_MARK
+    if row.get("vs_arm", {}).get("significant"):
+        m += ARM_MARK
+    return f" {m}" if m else ""
+
+
+def write_report(out: Path, s: dict[str, Any]) -> Path:
+    """Write ``out/study.md`` from :func:`~patchforcing.study.compare.summarize`'s output."""
+    spec, cfg, metric = s["spec"], s["config"], metric_name(s)
+    nfes = spec["nfe"]
+    arms = [a["name"] for a in spec["arms"]]
+    steps = sorted({r["steps"] for r in s["runs"].values()})
+    model = cfg["model"]["name"].split("-", 1)[1]
+    conf = f"{spec['confidence']:.0%}"
+    fl = s["floor"]
+    acc = s["features"].get("held_out_accuracy")
+    lines = [
+        f"# Patch Forcing study: {cfg['name']}",
+        "",
+        f"{len(arms)} arm(s) ({', '.join(arms)}) x {len(s['seeds'])} training seed(s) ({', '.join(map(str, s['seeds']))}), "
+        f"backbone {model}, {'/'.join(map(str, steps))} steps of batch {cfg['optim']['batch_size']} each "
+        f"(AdamW lr {cfg['optim']['lr']:g}, warm-up {cfg['optim']['warmup_steps']}, EMA {cfg['ema']['decay']:g}, "
+        f"precision {cfg['train']['precision']}); data `{cfg['data']['kind']}`"
+        + (f" `{cfg['data']['path']}`" if cfg["data"].get("path") else "")
+        + f" at {cfg['data']['resolution']} px. Every arm has the same data order, batch, steps, optimiser and EMA;"
+        " arms differ only in the model family and the training timestep sampler.",
+        "",
+        f"Samples: {spec['num_samples']} per cell, without guidance; sample *i* has the same noise and label in every "
+        f"arm, seed, sampler and NFE (sample seed {spec['sample_seed']}; labels follow the training set's class "
+        "frequencies). SiT arms are sampled with `euler`, PFT arms with each listed sampler; every sampler gets the "
+        "largest step count that fits the NFE budget.",
+        "",
+        f"Features: {s['features'].get('name')}"
+        + (f" (held-out accuracy {acc:.3f})" if acc is not None else "")
+        + f"; reference: {s['real']['reference_images']} held-out real images (never trained on). "
+        f"**Real-vs-real floor**: {fl['n']} real training images with the samples' labels score "
+        f"{metric} {_num(fl['fd'])} {_ci(fl['low'], fl['high'])}.",
+        "",
+        f"## {metric} (lower is better), {conf} intervals",
+        "",
+        "| arm | sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+        "|---|---|" + "---:|" * len(nfes),
+    ]
+    table = {(r["arm"], r["sampler"], r["nfe_budget"]): r for r in s["table"]}
+    pairs = list(dict.fromkeys((r["arm"], r["sampler"]) for r in s["table"]))  # (arm, sampler) in table order
+    for a, sm in pairs:
+        cells = [
+            f"{_num(table[(a, sm, n)]['fd'])} {_ci(table[(a, sm, n)]['low'], table[(a, sm, n)]['high'])}"
+            + _marks(table[(a, sm, n)])
+            for n in nfes
+        ]
+        lines.append(f"| {a} | {sm} | " + " | ".join(cells) + " |")
+    one_seed = len(s["seeds"]) == 1
+    lines += [
+        "",
+        f"Intervals: {s['table'][0]['interval']} ({spec['bootstrap']} bootstrap replicates; the bootstrap part is "
+        "centred on the expected FD at this sample count). "
+        f"{SAMPLER_MARK}: differs from `{s['baseline_sampler']}` of the same arm at the same NFE (paired bootstrap over "
+        f"the shared samples{'' if one_seed else ', combined with the seed spread'}; the {conf} interval of the "
+        "difference excludes 0). "
+        f"{ARM_MARK}: differs from `{s['baseline_arm']} · {s['baseline_arm_sampler']}` at the same NFE "
+        + (
+            "(needs >= 2 training seeds: not tested here)."
+            if one_seed
+            else "(spread over training seeds combined with the paired bootstrap)."
+        ),
+        "",
+        "Steps (NFE actually used) per sampler and budget: "
+        + "; ".join(
+            f"{sm} @ {n}: {'/'.join(map(str, r['steps']))} ({'/'.join(map(str, r['nfe']))})"
+            for (sm, n), r in {(r["sampler"], r["nfe_budget"]): r for r in s["table"]}.items()
+        )
+        + ".",
+        "",
+        "## Differences",
+        "",
+    ]
+    srows = [r for r in s["table"] if "vs_sampler" in r]
+    if srows:
+        lines += [
+            f"### Samplers against `{s['baseline_sampler']}` (same arm, same NFE; paired bootstrap over the shared samples)",
+            "",
+            f"| arm | sampler | NFE | Δ{metric} | {conf} interval | significant |",
+            "|---|---|---:|---:|---|---|",
+        ]
+        for r in srows:
+            d = r["vs_sampler"]
+            lines.append(
+                f"| {r['arm']} | {r['sampler']} | {r['nfe_budget']} | {d['estimate']:+.4g} | {_ci(d['low'], d['high'])} | "
+                f"{'yes' if d['significant'] else 'no'} |"
+            )
+        lines.append("")
+    arows = [r for r in s["table"] if "vs_arm" in r]
+    if arows:
+        lines += [
+            f"### Arms against `{s['baseline_arm']} · {s['baseline_arm_sampler']}` (same NFE)",
+            "",
+            f"| arm | sampler | NFE | Δ{metric} | {conf} interval | per seed | significant |",
+            "|---|---|---:|---:|---|---|---|",
+        ]
+        for r in arows:
+            d = r["vs_arm"]
+            sig = "not tested (1 seed)" if d["significant"] is None else ("yes" if d["significant"] else "no")
+            per_seed = ", ".join(f"{v:+.3g}" for v in d["by_seed"])
+            lines.append(
+                f"| {r['arm']} | {r['sampler']} | {r['nfe_budget']} | {d['estimate']:+.4g} | {_ci(d['low'], d['high'])} | "
+                f"{per_seed} | {sig} |"
+            )
+        lines += ["", f"Test: {arows[0]['vs_arm']['test']}.", ""]
+    lines += [
+        f"## Precision and recall (k = {spec['k']}, against the held-out reference)",
+        "",
+        "| arm | sampler | " + " | ".join(f"NFE {n} P / R" for n in nfes) + " |",
+        "|---|---|" + "---:|" * len(nfes),
+    ]
+    for a, sm in pairs:
+        cells = [f"{_num(table[(a, sm, n)]['precision'], 3)} / {_num(table[(a, sm, n)]['recall'], 3)}" for n in nfes]
+        lines.append(f"| {a} | {sm} | " + " | ".join(cells) + " |")
+    lines += [
+        f"| real (floor) | - | {_num(fl['precision'], 3)} / {_num(fl['recall'], 3)} |" + " |" * (len(nfes) - 1),
+        "",
+    ]
+    lines += [
+        "## Runs",
+        "",
+        "| run | model | timestep sampler | steps | training min | images/s | final EMA val loss |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for rid, r in s["runs"].items():
+        t = s["timing"]["runs"].get(rid, {})
+        secs, ips = t.get("train_seconds"), t.get("images_per_sec")
+        vl = r.get("val_loss_by_t")
+        lines.append(
+            f"| {rid} | {r['model']} | {r['timestep_sampler']} | {r['steps']} | "
+            f"{_num(secs / 60 if secs else None, 3)} | {_num(ips, 3)} | {_num(float(np.mean(vl)) if vl else None)} |"
+        )
+    lines += ["", "## What this shows, and what it does not", ""]
+    lines += [f"- {n}" for n in s["notes"]]
+    lines += [
+        f"- {metric} is computed in {'Inception' if metric == 'FID' else 'a small classifier'}'s feature space "
+        + (
+            ""
+            if metric == "FID"
+            else "trained on this data; it is comparable only with numbers from the same classifier, never with published FIDs"
+        )
+        + ".",
+        "",
+        "## Files",
+        "",
+        "`study.json` (every number), `figures/fd_vs_nfe.png`, `figures/val_loss_vs_t.png`, "
+        "`figures/grid_nfe<N>.png` (the first samples of every arm and sampler: same noise and labels), "
+        "`runs/` (one run directory per arm and seed), `samples/` (the scored `.npz` files).",
+    ]
+    path = out / "study.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_figures(out: Path, s: dict[str, Any], spec: StudySpec) -> list[Path]:
+    """``figures/fd_vs_nfe.png``, ``figures/val_loss_vs_t.png``, ``figures/grid_nfe<N>.png``."""
+    figs = out / "figures"
+    metric = metric_name(s)
+    paths = []
+    samplers = spec.samplers_of_any()
+    series = []
+    for i, arm in enumerate(spec.arms):
+        for sm in spec.samplers_for(arm):
+            rows = sorted(
+                (r for r in s["table"] if r["arm"] == arm.name and r["sampler"] == sm), key=lambda r: r["nfe_budget"]
+            )
+            series.append(
+                Series(
+                    [r["nfe_budget"] for r in rows],
+                    [r["fd"] for r in rows],
+                    f"{arm.name} · {sm}",
+                    color=COLORS[samplers.index(sm) % len(COLORS)],
+                    marker=_MARKERS[i % len(_MARKERS)],
+                )
+            )
+    p = figs / "fd_vs_nfe.png"
+    values = [v for se in series for v in se.y if v is not None and np.isfinite(v)] + [s["floor"]["fd"]]
+    lo, hi = min(values), max(values)
+    ylog = lo > 0 and hi / lo > 10
+    ylim = (lo / 1.2, hi * 1.2) if ylog else (lo - 0.05 * (hi - lo + 1e-12), hi + 0.05 * (hi - lo + 1e-12))
+    line_chart(
+        series,
+        title=f"{metric} against NFE",
+        subtitle=f"{spec.num_samples} samples per point; grey line: real-vs-real floor {s['floor']['fd']:.3g}",
+        xlabel="NFE per image",
+        ylabel=metric,
+        hlines=[s["floor"]["fd"]],
+        xlog=len(spec.nfe) > 1 and max(spec.nfe) / min(spec.nfe) >= 4,
+        ylog=ylog,
+        ylim=ylim,
+        size=(720, 480),
+        path=p,
+    )
+    paths.append(p)
+
+    val = []
+    for i, arm in enumerate(spec.arms):
+        curves = [r["val_loss_by_t"] for r in s["runs"].values() if r["arm"] == arm.name and r.get("val_loss_by_t")]
+        if curves:
+            y = np.mean(np.asarray(curves, dtype=np.float64), axis=0)
+            x = (np.arange(len(y)) + 0.5) / len(y)
+            val.append(Series(x, y, arm.name, color=COLORS[i % len(COLORS)], marker=_MARKERS[i % len(_MARKERS)]))
+    if val:
+        p = figs / "val_loss_vs_t.png"
+        line_chart(
+            val,
+            title="EMA validation loss against t",
+            subtitle="held-out images, every patch at the same t (mean over seeds)",
+            xlabel="t (0 = noise, 1 = data)",
+            ylabel="flow-matching loss",
+            path=p,
+        )
+        paths.append(p)
+
+    first_seed = s["seeds"][0]
+    for nfe in spec.nfe:
+        grids, labels = {}, {}
+        for c in s["cells"]:
+            if c["seed"] == first_seed and c["nfe_budget"] == nfe:
+                with np.load(out / c["path"], allow_pickle=False) as z:
+                    key = f"{c['arm']} · {c['sampler']}"
+                    grids[key] = z["arr_0"][: spec.grid_size]
+                    labels[key] = f"{c['arm']}\n{c['sampler']} · {c['steps']} steps"
+        if grids:
+            p = figs / f"grid_nfe{nfe}.png"
+            sampler_comparison(grids, p, labels=labels, title=f"{nfe} NFE: same noise and labels in every panel")
+            paths.append(p)
+    return paths

@@ -1,0 +1,353 @@
+"""``patchforcing study``: statistics with known answers, the random-context control, fair arms,
+a toy study end to end, and resume of an interrupted study."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import patchforcing as pf
+import patchforcing.study.runner as runner_mod
+from conftest import AnalyticModel
+from patchforcing.analysis.stats import (
+    bootstrap_interval,
+    centered_interval,
+    combined_interval,
+    paired_bootstrap_difference,
+    percentile_interval,
+    replicate_indices,
+    student_t_quantile,
+    t_interval,
+)
+from patchforcing.cli import main
+from patchforcing.evaluation import feature_statistics, frechet_distance
+from patchforcing.sampling import GuidedModel, make_sampler, steps_for_nfe
+from patchforcing.sampling.generate import GenerationSpec
+from patchforcing.study import (
+    StudyError,
+    StudySpec,
+    arm_config,
+    bootstrap_fd,
+    check_fair,
+    check_shared_inputs,
+    parse_arm,
+    parse_arms,
+    run_study,
+)
+from patchforcing.study.evaluate import FrechetTo, fd
+from patchforcing.training.config import apply_overrides, load_config
+from patchforcing.utils import RunLock, RunLockedError
+
+# --------------------------------------------------------------------------------------------
+# statistics with a known answer
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["centered", "percentile"])
+def test_paired_bootstrap_constant_shift_and_identical_arrays(method):
+    rng = np.random.default_rng(0)
+    b = rng.normal(size=200)
+    shift = paired_bootstrap_difference(b + 0.7, b, replicates=300, seed=1, method=method)
+    # every paired replicate is exactly the shift: an unpaired resampling would spread it out
+    assert shift.estimate == pytest.approx(0.7, abs=1e-12)
+    assert shift.low == pytest.approx(0.7, abs=1e-12) and shift.high == pytest.approx(0.7, abs=1e-12)
+    assert shift.excludes_zero
+    same = paired_bootstrap_difference(b, b, replicates=300, seed=1, method=method)
+    assert (same.low, same.estimate, same.high) == (0.0, 0.0, 0.0) and not same.excludes_zero
+    # a noisy shift: the interval holds the shift and excludes 0
+    noisy = paired_bootstrap_difference(b + 0.5 + 0.1 * rng.normal(size=200), b, replicates=500, seed=2)
+    assert noisy.low < 0.5 < noisy.high and noisy.excludes_zero and noisy.high - noisy.low < 0.1
+
+
+@pytest.mark.parametrize("method", ["centered", "percentile"])
+def test_bootstrap_interval_covers_a_known_mean_95_percent_of_the_time(method):
+    """Catches a wrong quantile (e.g. 0.05/0.95: ~90 %) or a mis-centred interval (far below 95 %)."""
+    hits, trials = 0, 200
+    for k in range(trials):
+        x = np.random.default_rng(1000 + k).normal(3.0, 2.0, size=60)
+        iv = bootstrap_interval(x, np.mean, replicates=300, seed=k, method=method)
+        hits += iv.low <= 3.0 <= iv.high
+    assert 0.91 <= hits / trials <= 0.985, hits / trials
+
+
+def test_student_t_interval_known_quantiles_and_coverage():
+    for df, q in [(1, 12.7062), (2, 4.3027), (4, 2.7764), (30, 2.0423)]:
+        assert student_t_quantile(0.975, df) == pytest.approx(q, abs=1e-4)
+    assert student_t_quantile(0.025, 4) == pytest.approx(-2.7764, abs=1e-4)
+    rng = np.random.default_rng(5)
+    hits, trials = 0, 4000
+    for _ in range(trials):
+        iv = t_interval(rng.normal(1.0, 3.0, size=3))  # 3 "seeds": 1.96 instead of 4.30 would cover ~80 %
+        hits += iv.low <= 1.0 <= iv.high
+    assert 0.935 <= hits / trials <= 0.965, hits / trials
+    one = t_interval([2.0])
+    assert one.estimate == 2.0 and math.isnan(one.low) and math.isnan(one.high)
+
+
+def test_centered_interval_is_not_displaced_by_resampling_bias():
+    """Replicates all above the estimate (as a bootstrapped FD's are): the percentile interval misses
+    the estimate, the centred one holds it with the same width."""
+    reps = np.linspace(1.2, 1.6, 101)
+    pct, cen = percentile_interval(1.0, reps), centered_interval(1.0, reps)
+    assert pct.low > 1.0
+    assert cen.low < 1.0 < cen.high and cen.high - cen.low == pytest.approx(pct.high - pct.low)
+    both = combined_interval(0.0, centered_interval(0.0, [-3.0, 3.0] * 50), t_interval([-4.0, 4.0]))
+    assert both.low < -3.0 and both.high > 3.0  # two error sources: wider than either
+
+
+def test_fd_bootstrap_is_paired_and_deterministic():
+    rng = np.random.default_rng(0)
+    ref, a = rng.normal(size=(80, 4)), rng.normal(size=(50, 4))
+    reps = bootstrap_fd({"a": a, "a again": a.copy(), "b": a + 0.3}, ref, replicates=20, seed=3)
+    assert np.array_equal(reps["a"], reps["a again"])  # identical sets: identical replicates (paired draws)
+    assert np.array_equal(reps["a"], bootstrap_fd({"a": a}, ref, replicates=20, seed=3)["a"])
+    assert not np.array_equal(reps["a"], bootstrap_fd({"a": a}, ref, replicates=20, seed=4)["a"])
+    assert np.all(reps["b"] > reps["a"])  # a shifted mean is farther in every replicate
+    assert np.array_equal(replicate_indices(50, 7, 3), replicate_indices(50, 7, 3))
+    # the cached-root distance is the library's Fréchet distance
+    (ma, sa), (mr, sr) = feature_statistics(a), feature_statistics(ref)
+    assert FrechetTo(mr, sr)(ma, sa) == pytest.approx(frechet_distance(ma, sa, mr, sr), rel=1e-10)
+    assert fd(a, ref) == pytest.approx(frechet_distance(ma, sa, mr, sr), rel=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# the random-context control
+# --------------------------------------------------------------------------------------------
+
+
+def _noise(model, B=3, seed=0):
+    return torch.randn(B, model.in_channels, *model.image_size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.0])
+def test_random_context_makes_the_calls_of_look_ahead(cfg):
+    y = torch.tensor([0, 1, 2])
+    for steps in (1, 2, 5, 12):
+        la, rc = AnalyticModel(), AnalyticModel()
+        a = pf.sample(la, _noise(la), "look_ahead", steps=steps, y=y, cfg_scale=cfg, record=True)
+        b = pf.sample(rc, _noise(rc), "random_context", steps=steps, y=y, cfg_scale=cfg, record=True)
+        assert (b.calls, b.nfe) == (a.calls, a.nfe) and len(rc.calls) == len(la.calls)
+        # the same per-patch times at every call, up to which patches carry the context time
+        for (ta, _), (tb, _) in zip(la.calls, rc.calls):
+            assert ta.shape == tb.shape and torch.equal(ta.sort(-1).values, tb.sort(-1).values)
+        for ra, rb in zip(a.record, b.record):  # same size of mask, other patches
+            assert (ra.mask is None) == (rb.mask is None)
+            if ra.mask is not None:
+                assert torch.equal(ra.mask.sum(1), rb.mask.sum(1))
+    guided = GuidedModel(AnalyticModel(), y, cfg)
+
+    def fit(name, budget):
+        try:
+            return steps_for_nfe(make_sampler(name), budget, guided)
+        except ValueError:  # too small a budget: the same for both
+            return None
+
+    assert [fit("random_context", b) for b in range(1, 60)] == [fit("look_ahead", b) for b in range(1, 60)]
+
+
+def test_random_context_mask_is_random_deterministic_and_batch_invariant(tiny_pft):
+    m = AnalyticModel(size=8, patch=2)  # fixed, patch-varying log-variance: look-ahead's mask never changes
+    noise, y = _noise(m, B=4), torch.tensor([0, 1, 2, 0])
+    la = pf.sample(m, noise, "look_ahead", steps=8, y=y, record=True)
+    rc = pf.sample(m, noise, "random_context", steps=8, y=y, record=True)
+    masks = [r.mask for r in rc.record if r.mask is not None]
+    la_masks = [r.mask for r in la.record if r.mask is not None]
+    assert all(torch.equal(mk.sum(1), lm.sum(1)) for mk, lm in zip(masks, la_masks))
+    assert not all(torch.equal(mk, lm) for mk, lm in zip(masks, la_masks))  # not the uncertainty mask
+    assert not torch.equal(masks[0], masks[2])  # redrawn every step
+    assert not torch.equal(masks[0][0], masks[0][1])  # and per image
+    again = pf.sample(m, noise, "random_context", steps=8, y=y)
+    assert torch.equal(again.x, rc.x)  # deterministic given the seed and the noise
+    other = pf.sample(m, noise, "random_context", steps=8, y=y, seed=1, record=True)
+    assert not all(torch.equal(a.mask, b.mask) for a, b in zip(other.record, rc.record) if a.mask is not None)
+    # on a network whose patches interact, the random context changes the samples
+    x, yy = _noise(tiny_pft, B=2), torch.tensor([0, 1])
+    outs = [pf.sample(tiny_pft, x, s, steps=6, y=yy, **o).x for s, o in [("look_ahead", {}), ("random_context", {})]]
+    outs.append(pf.sample(tiny_pft, x, "random_context", steps=6, y=yy, seed=1).x)
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
+    alone = torch.cat([pf.sample(m, noise[i : i + 1], "random_context", steps=8, y=y[i : i + 1]).x for i in range(4)])
+    assert torch.equal(alone, rc.x)  # an image's mask does not depend on its batch-mates
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        make_sampler("random_context", seed=0.5)
+
+
+# --------------------------------------------------------------------------------------------
+# arms: fair by construction
+# --------------------------------------------------------------------------------------------
+
+
+def test_arms_differ_only_in_family_and_timestep_sampler():
+    base = load_config("emoji32")
+    arms = parse_arms("sit,pft,pft-srm,pft-truncnorm,pft-uniform")
+    cfgs = {a.name: arm_config(base, a, j) for a in arms for j in (0, 1)}
+    check_fair(cfgs.values())  # passes
+    sit, pft = arm_config(base, arms[0]), arm_config(base, arms[1])
+    assert sit.model.name.startswith("SiT-") and pft.model.name.startswith("PFT-")
+    assert sit.model.name.split("-", 1)[1] == pft.model.name.split("-", 1)[1] == base.model.name.split("-", 1)[1]
+    assert (sit.objective.timestep_sampler, sit.objective.uncertainty_weight, sit.sample.sampler) == (
+        "uniform",
+        0.0,
+        "euler",
+    )
+    assert pft.objective.timestep_sampler == "ltg" and pft.objective.uncertainty_weight > 0
+    samplers = [arm_config(base, a).objective.timestep_sampler for a in arms]
+    assert samplers == ["uniform", "ltg", "srm", "truncated_gaussian", "per_patch_uniform"]
+    assert arm_config(base, arms[1], 2).train.seed == base.train.seed + 2
+    for key in ("optim", "ema", "data"):  # the same data order, batch, optimiser and EMA
+        assert getattr(sit, key) == getattr(pft, key)
+    unfair = apply_overrides(pft, ["optim.lr=1e-2"])
+    with pytest.raises(StudyError, match="optim.lr"):
+        check_fair([sit, unfair])
+    with pytest.raises(StudyError, match="backbone"):
+        check_fair([sit, apply_overrides(pft, ["model.name=PFT-S/4"])])
+    for bad, match in [("sit-ltg", "one time per image"), ("pft-bogus", "unknown timestep sampler"), ("vit", "start")]:
+        with pytest.raises(StudyError, match=match):
+            parse_arm(bad)
+    with pytest.raises(StudyError, match="same recipe"):
+        parse_arms("pft,pft-ltg")
+
+
+def test_every_cell_gets_the_same_noise_and_labels():
+    specs = [
+        GenerationSpec(10, seed=0, sampler=s, nfe=n, classes=[1, 2]) for s in ("euler_pf", "look_ahead") for n in (4, 8)
+    ]
+    check_shared_inputs(specs)
+    with pytest.raises(StudyError, match="seed"):
+        check_shared_inputs(specs + [GenerationSpec(10, seed=1, sampler="euler_pf", nfe=4, classes=[1, 2])])
+    with pytest.raises(StudyError, match="classes"):
+        check_shared_inputs(specs + [GenerationSpec(10, seed=0, sampler="euler_pf", nfe=4, classes=[2, 1])])
+
+
+# --------------------------------------------------------------------------------------------
+# the study end to end, and resume
+# --------------------------------------------------------------------------------------------
+
+#: a toy study: 16x16 synthetic shapes, a 1-block model, 2 training steps
+TOY = [
+    "train.device=cpu",
+    "train.max_steps=2",
+    "train.ckpt_every=2",
+    "train.sample_every=2",
+    "model.depth=1",
+    "data.val_size=24",
+]
+
+
+def _spec(**kw):
+    return StudySpec(
+        arms=parse_arms("sit,pft"),
+        nfe=[4],
+        samplers=["euler_pf", "look_ahead", "random_context"],
+        num_samples=24,
+        batch_size=24,
+        classifier_epochs=1,
+        classifier_width=8,
+        bootstrap=30,
+        grid_size=4,
+        **kw,
+    )
+
+
+def _without_timing(path):
+    s = json.loads(path.read_text())
+    s.pop("timing")
+    return s
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "a"
+    run_study(load_config("tiny-test", TOY), _spec(), out, progress=False, log=lambda m: None)
+    return out
+
+
+def test_toy_study_end_to_end(finished_study):
+    out = finished_study
+    for f in ["study.md", "study.json", "figures/fd_vs_nfe.png", "figures/val_loss_vs_t.png", "figures/grid_nfe4.png"]:
+        assert (out / f).is_file(), f
+    for rid in ("sit-s0", "pft-s0"):
+        assert (out / "runs" / rid / "checkpoints" / "last.pt").is_file()
+        assert pf.load_model(out / "runs" / rid).per_patch_time == rid.startswith("pft")
+    s = json.loads((out / "study.json").read_text())
+    rows = {(r["arm"], r["sampler"]): r for r in s["table"]}
+    assert set(rows) == {("sit", "euler"), ("pft", "euler_pf"), ("pft", "look_ahead"), ("pft", "random_context")}
+    for r in rows.values():
+        assert r["low"] <= r["fd"] <= r["high"] and r["nfe"][0] <= 4
+    assert rows[("pft", "look_ahead")]["nfe"] == rows[("pft", "random_context")]["nfe"] == [3]
+    assert "vs_sampler" in rows[("pft", "look_ahead")] and "vs_sampler" not in rows[("pft", "euler_pf")]
+    assert rows[("pft", "euler_pf")]["vs_arm"]["significant"] is None  # one seed: arms are not tested
+    assert s["floor"]["fd"] > 0 and s["floor"]["n"] == 24 and s["real"]["reference_images"] == 24
+    assert all(len(r["val_loss_by_t"]) == 8 for r in s["runs"].values())
+    # every cell: the same labels, and noise from the same seed (fair by construction)
+    labels = None
+    for c in s["cells"]:
+        with np.load(out / c["path"]) as z:
+            assert z["arr_0"].shape == (24, 16, 16, 3)
+            labels = z["labels"] if labels is None else labels
+            assert np.array_equal(z["labels"], labels)
+        assert json.loads((out / c["path"]).with_suffix(".json").read_text())["settings"]["seed"] == 0
+    md = (out / "study.md").read_text()
+    assert "| sit | euler |" in md and "| pft | random_context |" in md and "real-vs-real floor" in md.lower()
+    assert "not tested (1 seed)" in md
+
+
+def test_interrupted_study_resumes_skipping_finished_runs(finished_study, tmp_path, monkeypatch):
+    out = tmp_path / "b"
+
+    def stop(run):
+        raise KeyboardInterrupt("stopped after the first run")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_study(load_config("tiny-test", TOY), _spec(), out, progress=False, log=lambda m: None, after_run=stop)
+    assert (out / "runs" / "sit-s0" / "checkpoints" / "last.pt").is_file()
+    assert not (out / "runs" / "pft-s0").exists() and not (out / "study.json").exists()
+    first = (out / "runs" / "sit-s0" / "checkpoints" / "last.pt").stat().st_mtime_ns
+    (out / "runs" / "pft-s0").mkdir()  # as left by a kill before the run's first checkpoint
+    (out / "runs" / "pft-s0" / "config.yaml").write_text("name: killed\n")
+    with RunLock(out, ".study.lock"), pytest.raises(RunLockedError):  # one study process per folder
+        run_study(load_config("tiny-test", TOY), _spec(), out, progress=False, log=lambda m: None)
+
+    trained = []
+    real_trainer = runner_mod.Trainer
+
+    def spy(cfg, run_dir, **kw):
+        trained.append(run_dir.name)
+        return real_trainer(cfg, run_dir, **kw)
+
+    monkeypatch.setattr(runner_mod, "Trainer", spy)
+    run_study(load_config("tiny-test", TOY), _spec(), out, progress=False, log=lambda m: None)
+    assert trained == ["pft-s0"]  # the finished arm is skipped
+    assert (out / "runs" / "sit-s0" / "checkpoints" / "last.pt").stat().st_mtime_ns == first
+    assert _without_timing(out / "study.json") == _without_timing(finished_study / "study.json")
+    trained.clear()  # a third invocation trains and samples nothing, and reports the same
+    run_study(load_config("tiny-test", TOY), _spec(), out, progress=False, log=lambda m: None)
+    assert trained == [] and _without_timing(out / "study.json") == _without_timing(finished_study / "study.json")
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--arms", "sit,vit"], "arm 'vit'"),
+        (["--nfe", "4,0"], "--nfe"),
+        (["--samplers", "euler_pf,nope"], "unknown sampler 'nope'"),
+        (["--confidence", "1.5"], "confidence"),
+        (["--features", "resnet"], "features"),
+        (["--quantile", "2"], "quantile"),
+        (["data.val_size=0"], "data.val_size"),
+    ],
+)
+def test_cli_refuses_bad_input_before_training(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.setattr(runner_mod, "Trainer", lambda *a, **k: pytest.fail("training started"))
+    rc = main(["study", "tiny-test", "--out", str(tmp_path / "s"), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err, err
+
+
+def test_emoji32_study_preset_loads():
+    cfg = load_config("emoji32")
+    assert cfg.name == "emoji32" and cfg.data.kind == "npz" and cfg.model.name.startswith("PFT-")
+    assert cfg.data.val_size >= 256  # a reference big enough for FD in a 128-d feature space
