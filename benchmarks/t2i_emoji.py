@@ -38,8 +38,7 @@ from patchforcing.evaluation.frechet import frechet_distance_from_features
 from patchforcing.sampling.generate import GenerationSpec, sample_indices
 from patchforcing.training.config import load_config
 from patchforcing.training.trainer import split_train_val
-from patchforcing.utils.images import to_uint8
-from patchforcing.viz import prompt_grid
+from patchforcing.viz import prompt_grid, to_uint8_images
 
 
 def balanced_prompts(ds: CaptionedNpzDataset, indices: list[int], cap: int) -> tuple[list[str], list[int]]:
@@ -85,7 +84,7 @@ def main() -> int:
     enc = load_text_encoder_for(args.run, model=model, device="cpu")
     clf = ClassifierFeatures(args.classifier)
 
-    real = np.stack([to_uint8(ds[i][0]).permute(1, 2, 0).numpy() for i in range(len(ds))])
+    real = to_uint8_images(torch.stack([ds[i][0] for i in range(len(ds))]))
     n = len(categories)
     rng = np.random.default_rng(0)
     perm = rng.permutation(len(real))
@@ -113,7 +112,7 @@ def main() -> int:
         t0 = time.perf_counter()
         images, _, res = sample_indices(model, spec, range(n), device=torch.device("cpu"), encoder=enc)
         seconds = time.perf_counter() - t0
-        u8 = to_uint8(images).permute(0, 2, 3, 1).numpy()
+        u8 = to_uint8_images(images)
         acc = category_accuracy(u8, categories, clf)
         fd = frechet_distance_from_features(features(clf, u8), f_real_all)
         results["samplers"][name] = {
