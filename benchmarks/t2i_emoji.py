@@ -56,6 +56,45 @@ def features(clf: ClassifierFeatures, images_uint8: np.ndarray) -> np.ndarray:
     return np.concatenate(out)
 
 
+def check_exact_nfe(names: list[str], nfe: int, cfg: float) -> None:
+    """Exit with a message naming the budgets that every sampler meets exactly, unless ``nfe`` is one."""
+    from patchforcing.conditioning import ClassLabels
+    from patchforcing.sampling.api import plan_run
+    from patchforcing.sampling.guidance import GuidedModel
+    from patchforcing.sampling.samplers import make_sampler, make_time_grid
+
+    # planning only (no network call): the NFE of a run depends on the sampler, its grid and the guidance
+    guided = GuidedModel(None, ClassLabels(torch.zeros(1, dtype=torch.long), 1), cfg_scale=cfg)
+    reach = {n: {plan_run(make_sampler(n), make_time_grid(k), guided)[1] for k in range(1, 400)} for n in names}
+    if all(nfe in r for r in reach.values()):
+        return
+    common = sorted(set.intersection(*reach.values()))
+    sys.exit(
+        f"--exact-nfe: not every sampler of {names} can spend exactly {nfe} NFE; budgets they all meet: {common[:8]}"
+    )
+
+
+def paired_differences(per_image, names: list[str], f_real: np.ndarray, replicates: int) -> dict[str, dict]:
+    """Accuracy and FD of every other sampler minus the first, with paired bootstrap 95 % intervals
+    (image ``i`` of every sampler comes from the same prompt and noise)."""
+    from patchforcing.analysis.stats import bootstrap_indices
+
+    base_ok, base_f = per_image[names[0]]
+    out = {}
+    for name in names[1:]:
+        ok, f = per_image[name]
+        idx = bootstrap_indices(len(ok), replicates, seed=0)
+        acc_reps = np.array([ok[i].mean() - base_ok[i].mean() for i in idx])
+        fd = lambda a: frechet_distance_from_features(a, f_real)  # noqa: E731
+        fd_reps = np.array([fd(f[i]) - fd(base_f[i]) for i in idx])
+        row = {}
+        for key, est, reps in (("accuracy", ok.mean() - base_ok.mean(), acc_reps), ("fd", fd(f) - fd(base_f), fd_reps)):
+            lo, hi = np.quantile(reps, [0.025, 0.975])
+            row[key] = [float(est), float(lo), float(hi)]
+        out[name] = row
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="a T2I run directory")
@@ -67,6 +106,12 @@ def main() -> int:
     p.add_argument("--per-prompt", type=int, default=8)
     p.add_argument("--cap", type=int, default=8, help="held-out captions per category (at most)")
     p.add_argument("--out", required=True)
+    p.add_argument(
+        "--exact-nfe",
+        action="store_true",
+        help="fail unless every sampler spends exactly --nfe (the budget is otherwise an upper bound)",
+    )
+    p.add_argument("--bootstrap", type=int, default=1000, help="replicates of the paired differences")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +149,11 @@ def main() -> int:
         "real_accuracy": acc_real.accuracy,
         "samplers": {},
     }
-    for name in args.samplers.split(","):
+    names = args.samplers.split(",")
+    if args.exact_nfe:
+        check_exact_nfe(names, args.nfe, args.cfg)
+    per_image: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # sampler -> (correct (n,), features (n, d))
+    for name in names:
         spec = GenerationSpec(
             num_samples=n, batch_size=64, seed=0, sampler=name, nfe=args.nfe, cfg_scale=args.cfg,
             prompts=prompts, samples_per_prompt=k,
@@ -114,7 +163,9 @@ def main() -> int:
         seconds = time.perf_counter() - t0
         u8 = to_uint8_images(images)
         acc = category_accuracy(u8, categories, clf)
-        fd = frechet_distance_from_features(features(clf, u8), f_real_all)
+        f_gen = features(clf, u8)
+        fd = frechet_distance_from_features(f_gen, f_real_all)
+        per_image[name] = ((acc.predicted == categories).astype(np.float64), f_gen)
         results["samplers"][name] = {
             "nfe": res.nfe,
             "steps": res.steps,
@@ -133,6 +184,12 @@ def main() -> int:
         print(
             f"{name:12s} NFE {res.nfe:3d}  accuracy {acc.accuracy:.3f} [{acc.ci95[0]:.3f}, {acc.ci95[1]:.3f}] "
             f"(chance {acc.chance_uniform:.3f})  FD_classifier {fd:.2f} (floor {floor:.2f})  {seconds:.0f} s"
+        )
+    results["paired_vs_" + names[0]] = paired_differences(per_image, names, f_real_all, args.bootstrap)
+    for other, d in results["paired_vs_" + names[0]].items():
+        print(
+            f"{other} - {names[0]}: accuracy {d['accuracy'][0]:+.3f} [{d['accuracy'][1]:+.3f}, {d['accuracy'][2]:+.3f}]  "
+            f"FD {d['fd'][0]:+.2f} [{d['fd'][1]:+.2f}, {d['fd'][2]:+.2f}]  (paired bootstrap, 95 %)"
         )
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"real images: accuracy {acc_real.accuracy:.3f}; wrote {out / 'results.json'}")

@@ -19,11 +19,12 @@ from patchforcing.evaluation.clip_score import (
     DEFAULT_CLIP,
     CLIPPreprocess,
     CLIPScorer,
+    as_uint8_images,
     clip_score,
     read_prompts,
     samples_prompts,
 )
-from patchforcing.utils.images import to_float
+from patchforcing.utils.images import to_float, to_uint8_images
 
 transformers = pytest.importorskip("transformers")
 
@@ -137,6 +138,26 @@ def test_preprocess_matches_clip_image_processor():
     # without a processor config: the vision tower's size and the OpenAI mean/std
     plain = CLIPPreprocess.from_processor_config(None, 32)
     assert (plain.resize, plain.crop) == (32, 32) and plain.mean == tuple(proc.image_mean)
+
+
+def test_as_uint8_images_reads_both_layouts_and_refuses_the_rest():
+    u8 = np.random.default_rng(0).integers(0, 256, (2, 4, 5, 3), dtype=np.uint8)
+    assert as_uint8_images(u8) is u8  # already fitting: returned as is
+    assert np.array_equal(as_uint8_images(u8.transpose(0, 3, 1, 2)), u8)  # (B, 3, H, W) uint8
+    assert np.array_equal(as_uint8_images(torch.from_numpy(u8)), u8)  # a uint8 tensor is not re-quantised
+    x = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0, 3.0]).view(1, 1, 1, 6).expand(1, 3, 1, 6)
+    out = as_uint8_images(x)  # float (B, 3, H, W): to_uint8 = clamp(127.5 x + 128) truncated
+    assert out.shape == (1, 1, 6, 3) and out[0, 0, :, 0].tolist() == [0, 64, 128, 191, 255, 255]
+    f = torch.rand(2, 3, 4, 5) * 2 - 1
+    ref = to_uint8_images(f)  # the pictures' reading of channels-first floats: the same pixels
+    assert np.array_equal(as_uint8_images(f), ref)
+    assert np.array_equal(as_uint8_images(f.permute(0, 2, 3, 1).double().numpy()), ref)  # float NHWC array
+    with pytest.raises(EvaluationError, match=r"must have 3 channels, got shape \(2, 4, 5, 1\)"):
+        as_uint8_images(u8[..., :1])  # grey is not made up into RGB for a metric
+    with pytest.raises(EvaluationError, match=r"must be a batch .* got shape \(4, 5, 3\)"):
+        as_uint8_images(u8[0])
+    with pytest.raises(EvaluationError, match="uint8 or float in \\[-1, 1\\], got int64"):
+        as_uint8_images(u8.astype(np.int64))
 
 
 def test_batch_size_and_input_kind_invariance(clip_dir):

@@ -708,6 +708,8 @@ DATA = Path(__file__).resolve().parent / "data"
 NEW_KEYS = {
     ("model", "rope_jitter"): None,
     ("train", "strategy"): "ddp",
+    ("train", "attention"): "auto",
+    ("optim", "fused"): "auto",
     ("repa",): config_to_dict(ExperimentConfig())["repa"],
     ("text",): config_to_dict(ExperimentConfig())["text"],
 }

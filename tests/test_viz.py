@@ -8,14 +8,16 @@ import matplotlib
 import numpy as np
 import pytest
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
 import patchforcing as pf
 from conftest import randomize
 from patchforcing import viz
 from patchforcing.viz import maps as vmaps
+from patchforcing.viz import prompts as vprompts
 from patchforcing.viz import trajectory as vt
-from patchforcing.viz.style import render
+from patchforcing.viz.style import DEFAULT_STYLE, render
 from patchforcing.viz.trajectory import ROW_GAP
 
 SIZE, PATCH = 16, 2
@@ -65,6 +67,7 @@ def test_to_uint8_channels_and_passthrough():
     assert single.shape == (1, 2, 3, 3)
     u8 = np.arange(2 * 4 * 5 * 3, dtype=np.uint8).reshape(2, 4, 5, 3)
     assert np.array_equal(viz.to_uint8_images(u8), u8)
+    assert np.array_equal(viz.to_uint8_images(torch.from_numpy(u8)), u8)  # a uint8 tensor reads as uint8
     grey = viz.to_uint8_images(u8[..., :1])
     assert grey.shape == (2, 4, 5, 3) and np.array_equal(grey[..., 2], u8[..., 0])
     with pytest.raises(ValueError):
@@ -357,6 +360,46 @@ def test_sampler_comparison(tmp_path):
     assert 0.8 * 4 * 64 * 64 <= _count(img, (128, 128, 128)) < 1.5 * 4 * 64 * 64  # the grey zeros of "euler"
     with pytest.raises(ValueError):
         viz.sampler_comparison({}, None)
+
+
+@pytest.mark.parametrize("cols", [1, 2])
+def test_prompt_grid_texts_stay_inside_narrow_figures(cols):
+    """A title and subtitle much wider than a 1- or 2-column grid (and a long caption) are drawn
+    inside the figure (widened to TITLE_WIDTH, then wrapped), with every word kept."""
+    title = "Prompt grid of t2i-tiny: euler_pf sampler, 32 steps, guidance 4.0, seed 0, checkpoint 4000"
+    subtitle = "run_2026_with_a_long_unbreakable_name_that_cannot_wrap_at_spaces_xxxxxxxxxxxxxxxxxxxx"
+    prompts = ["a red apple on a wooden table in the soft morning light", "cat"]
+    images = torch.linspace(-1, 1, 2 * cols * 3 * 8 * 8).view(2 * cols, 3, 8, 8)
+    with DEFAULT_STYLE.context():
+        fig = vprompts._prompt_figure(images, prompts, title, subtitle, None, 64, None, DEFAULT_STYLE)
+        FigureCanvasAgg(fig).draw()  # as render() draws it; fig.canvas is now that canvas
+        renderer = fig.canvas.get_renderer()
+        frame = fig.bbox
+        heads = [t for f in (fig, *fig.subfigs) for t in f.texts]
+        assert [" ".join(t.get_text().split()) for t in heads[:1]] == [title]  # wrapped at spaces only
+        assert heads[1].get_text().replace("\n", "") == subtitle  # the long word broken, nothing lost
+        labels = [ax.xaxis.label for ax in fig.get_axes()]
+        for t in heads + labels:
+            box = t.get_window_extent(renderer)
+            assert frame.x0 <= box.x0 and box.x1 <= frame.x1, (t.get_text(), box, frame)
+            if t in heads:
+                assert frame.y0 <= box.y0 and box.y1 <= frame.y1, (t.get_text(), box, frame)
+        assert "\n" in heads[0].get_text() and frame.width == vprompts.TITLE_WIDTH  # widened, then wrapped
+        assert labels[0].get_text().count("\n") == 1 and labels[1].get_text() == "cat"
+    img = viz.prompt_grid(images, prompts, title=title, subtitle=subtitle)
+    assert img.size == (vprompts.TITLE_WIDTH, round(frame.height))
+
+
+def test_prompt_grid_short_title_keeps_the_grid_width():
+    images = torch.zeros(4, 3, 8, 8)
+    img = viz.prompt_grid(images, ["a", "b"], title="t")  # 2 columns of 64 px tiles: 2 * 64 + 3 * 2 + 20
+    assert img.size[0] == 154
+    wide = np.asarray(viz.prompt_grid(images, ["a", "b"], title="a title wider than the grid of two tiles"))
+    assert wide.shape[1] == vprompts.TITLE_WIDTH  # widened to fit the title
+    grey = (wide == 128).all(-1)  # the zero tiles
+    cols = np.flatnonzero(grey[grey.sum(1).argmax()])
+    # the rows padded with white, not stretched: two 64 px tiles drawn 1:1, centred
+    assert len(cols) == 128 and abs((cols[0] + cols[-1] + 1) / 2 - wide.shape[1] / 2) <= 1
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ e.g. over training seeds) and :func:`combined_interval` (independent errors in q
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,16 +137,25 @@ def bootstrap_indices(n: int, replicates: int, seed: int = 0, stream: int = 0) -
     return np.stack([replicate_indices(n, r, seed, stream) for r in range(int(replicates))])
 
 
+def _finite_quantiles(replicates: Any, c: float) -> tuple[np.ndarray, float, float] | None:
+    """``(r, q_lo, q_hi)``: the finite replicate values ``r`` ``(m,)`` float64 and their ``(1 - c) / 2``
+    and ``(1 + c) / 2`` quantiles (linear interpolation); ``None`` when no value is finite."""
+    r = np.asarray(replicates, dtype=np.float64).ravel()
+    r = r[np.isfinite(r)]
+    if r.size == 0:
+        return None
+    lo, hi = np.quantile(r, [(1 - c) / 2, (1 + c) / 2])
+    return r, float(lo), float(hi)
+
+
 def percentile_interval(estimate: float, replicates: Any, confidence: float = 0.95) -> Interval:
     """The percentile bootstrap interval: the ``(1 - c) / 2`` and ``(1 + c) / 2`` quantiles
     (linear interpolation) of the finite replicate values, around ``estimate``."""
     c = _check_confidence(confidence)
-    r = np.asarray(replicates, dtype=np.float64).ravel()
-    r = r[np.isfinite(r)]
-    if r.size == 0:
+    q = _finite_quantiles(replicates, c)
+    if q is None:
         return Interval(float(estimate), float("nan"), float("nan"), c)
-    lo, hi = np.quantile(r, [(1 - c) / 2, (1 + c) / 2])
-    return Interval(float(estimate), float(lo), float(hi), c)
+    return Interval(float(estimate), q[1], q[2], c)
 
 
 def centered_interval(estimate: float, replicates: Any, confidence: float = 0.95) -> Interval:
@@ -159,14 +169,13 @@ def centered_interval(estimate: float, replicates: Any, confidence: float = 0.95
     gives statistics such as a Fréchet distance (whose replicates all lie above the estimate when
     the sampling spread is small against that bias). For a mean both intervals nearly agree."""
     c = _check_confidence(confidence)
-    r = np.asarray(replicates, dtype=np.float64).ravel()
-    r = r[np.isfinite(r)]
-    if r.size == 0:
+    q = _finite_quantiles(replicates, c)
+    if q is None:
         return Interval(float(estimate), float("nan"), float("nan"), c)
-    lo, hi = np.quantile(r, [(1 - c) / 2, (1 + c) / 2])
+    r, lo, hi = q
     m = float(r.mean())
     est = float(estimate)
-    low, high = est - (float(hi) - m), est - (float(lo) - m)
+    low, high = est - (hi - m), est - (lo - m)
     if np.all(r == r[0]):  # no spread: exactly the estimate (no rounding from the mean)
         low = high = est
     return Interval(est, low, high, c)
@@ -175,10 +184,17 @@ def centered_interval(estimate: float, replicates: Any, confidence: float = 0.95
 _METHODS = {"centered": centered_interval, "percentile": percentile_interval}
 
 
-def _interval(method: str, estimate: float, reps: np.ndarray, confidence: float) -> Interval:
+def _bootstrap(
+    n: int, statistic_of: Callable[[Any], float], replicates: int, confidence: float, seed: int, method: str
+) -> Interval:
+    """The bootstrap interval of ``statistic_of(index)`` (the statistic of the items at ``index``,
+    ``slice(None)``: all of them) over :func:`bootstrap_indices` ``(n, replicates, seed)``, by
+    ``method`` (:data:`_METHODS`)."""
     if method not in _METHODS:
         raise ValueError(f"unknown bootstrap interval method {method!r}; use one of {sorted(_METHODS)}")
-    return _METHODS[method](estimate, reps, confidence)
+    idx = bootstrap_indices(n, replicates, seed)
+    reps = np.array([statistic_of(i) for i in idx], dtype=np.float64)
+    return _METHODS[method](float(statistic_of(slice(None))), reps, confidence)
 
 
 def bootstrap_interval(
@@ -196,9 +212,7 @@ def bootstrap_interval(
     v = np.asarray(values, dtype=np.float64)
     if v.ndim == 0 or v.shape[0] < 1:
         raise ValueError("bootstrap_interval: need at least one value")
-    idx = bootstrap_indices(v.shape[0], replicates, seed)
-    reps = np.array([statistic(v[i]) for i in idx], dtype=np.float64)
-    return _interval(method, float(statistic(v)), reps, confidence)
+    return _bootstrap(v.shape[0], lambda i: statistic(v[i]), replicates, confidence, seed, method)
 
 
 def paired_bootstrap_difference(
@@ -218,9 +232,7 @@ def paired_bootstrap_difference(
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if x.shape[:1] != y.shape[:1] or x.ndim == 0 or x.shape[0] < 1:
         raise ValueError(f"paired_bootstrap_difference: paired data need the same length, got {x.shape}, {y.shape}")
-    idx = bootstrap_indices(x.shape[0], replicates, seed)
-    reps = np.array([statistic(x[i]) - statistic(y[i]) for i in idx], dtype=np.float64)
-    return _interval(method, float(statistic(x) - statistic(y)), reps, confidence)
+    return _bootstrap(x.shape[0], lambda i: statistic(x[i]) - statistic(y[i]), replicates, confidence, seed, method)
 
 
 def _betacf(a: float, b: float, x: float) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -10,12 +11,14 @@ import torch.distributed as dist
 
 from ..conditioning import condition_kind
 from ..encoders.text import load_text_encoder_for
+from ..sampling.cache import SELECTIONS, TokenCache
 from ..sampling.generate import GenerationSpec, generate, sample_indices
 from ..training.distributed import init_distributed, shutdown_distributed
 from ..viz import prompt_grid, save_grid
 from .common import (
     add_sampling_args,
     check_output_file,
+    finite_float,
     guidance_interval,
     load_model_and_decoder,
     parse_classes,
@@ -37,6 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--prompt (repeatable) or --prompts FILE: a .png is then a prompt grid (a row per prompt).",
     )
     add_sampling_args(p, "euler_pf")
+    add_cache_args(p)
     p.add_argument("--classes", help="comma-separated class labels, cycled (e.g. 1,2,3)")
     p.add_argument("--labels", choices=["uniform", "balanced"], default="uniform")
     p.add_argument(
@@ -67,6 +71,56 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="grid.png or samples.npz")
     p.set_defaults(func=run)
     return p
+
+
+def _share(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    value = finite_float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
+    return value
+
+
+def add_cache_args(p: argparse.ArgumentParser) -> None:
+    """The token-caching options (one argument group): ``--cache-active A`` turns caching on."""
+    g = p.add_argument_group(
+        "token caching",
+        "recompute only a share of the tokens at most network calls (the most uncertain ones by the last "
+        "log-variance); the others keep their last outputs and lend their keys/values from the last full call",
+    )
+    g.add_argument(
+        "--cache-active", type=_share, metavar="A", help="share of tokens recomputed at a cached call, in (0, 1]"
+    )
+    g.add_argument(
+        "--cache-refresh", type=positive_int, metavar="N", help="a full call every N calls (default 4; 1 = dense)"
+    )
+    g.add_argument(
+        "--cache-select",
+        choices=SELECTIONS,
+        help="uncertainty (default; needs a PFT) or random (the control: random tokens)",
+    )
+
+
+def token_cache_from(args: argparse.Namespace) -> TokenCache | None:
+    """The :class:`TokenCache` of ``--cache-*`` (``None`` without ``--cache-active``)."""
+    active = getattr(args, "cache_active", None)
+    if active is None:
+        given = [f for f, v in (("--cache-refresh", args.cache_refresh), ("--cache-select", args.cache_select)) if v]
+        if given:
+            raise ValueError(f"{' and '.join(given)} need --cache-active A (the share of tokens recomputed)")
+        return None
+    return TokenCache(
+        active=active,
+        refresh_every=args.cache_refresh if args.cache_refresh is not None else 4,
+        select=args.cache_select or "uncertainty",
+    )
+
+
+def flops_note(token_flops: int | None, full_flops: int | None) -> str:
+    """``"token FLOPs 1.23e+12 of 2.46e+12 dense (50.0 %)"``; empty when unknown."""
+    if token_flops is None or not full_flops:
+        return ""
+    return f"token FLOPs {token_flops:.3g} of {full_flops:.3g} dense ({100 * token_flops / full_flops:.1f} %)"
 
 
 def read_prompts(args: argparse.Namespace) -> list[str] | None:
@@ -118,6 +172,7 @@ def spec_from(args: argparse.Namespace) -> GenerationSpec:
         options=sampler_options(args),
         prompts=prompts,
         samples_per_prompt=per_prompt,
+        cache=token_cache_from(args),
     )
 
 
@@ -167,6 +222,10 @@ def run(args: argparse.Namespace) -> int:
                 raise KeyboardInterrupt("the finished shards are kept: run the same command again to resume") from None
             if path is not None:
                 print(f"wrote {path} ({spec.num_samples} samples) and {out.with_suffix('.json')}")
+                info = json.loads(out.with_suffix(".json").read_text())
+                note = flops_note(info.get("token_flops"), info.get("full_flops"))
+                if note:
+                    print(f"{note} (this run)")
     finally:
         model = None
         shutdown_distributed()
@@ -191,3 +250,6 @@ def write_picture(model, spec: GenerationSpec, out: Path, decode, device: torch.
         f"wrote {out}: {spec.num_samples} samples, sampler {res.sampler}, {res.steps} steps, "
         f"{res.nfe} NFE, {spec.num_samples / res.seconds:.2f} images/s"
     )
+    note = flops_note(res.token_flops, res.full_flops)
+    if note:
+        print(note)

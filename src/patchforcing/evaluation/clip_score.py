@@ -40,7 +40,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..utils.hub import HubError, probe_hub_file
-from ..utils.images import to_uint8
+from ..utils.images import to_uint8_images
 from ..utils.io import is_offline, looks_local
 from .reference import EvaluationError, ImageSet, open_images
 
@@ -160,27 +160,18 @@ class CLIPPreprocess:
 
 
 def as_uint8_images(images: Any) -> np.ndarray:
-    """A batch of images as ``uint8 (B, H, W, 3)``: uint8 NHWC arrays/tensors as they are, float
-    ``(B, 3, H, W)`` (or ``(B, H, W, 3)``) in [-1, 1] through :func:`to_uint8` (as samples are saved).
+    """A batch of images as ``uint8 (B, H, W, 3)``: uint8 arrays/tensors as they are, float ones in
+    [-1, 1] through :func:`~patchforcing.utils.images.to_uint8` (as samples are saved); either
+    layout, ``(B, H, W, 3)`` or ``(B, 3, H, W)`` (:func:`~patchforcing.utils.images.to_uint8_images`
+    with ``strict=True``).
 
     Raises:
         EvaluationError: not a 4-D batch of 3-channel uint8 or float images.
     """
-    if isinstance(images, Tensor):
-        t = images.detach().cpu()
-        images = (to_uint8(t) if t.is_floating_point() else t).numpy()
-    a = np.asarray(images)
-    if a.ndim != 4:
-        raise EvaluationError(f"images must be a batch (B, H, W, 3) or (B, 3, H, W), got shape {a.shape}")
-    if a.dtype != np.uint8:
-        if a.dtype.kind != "f":
-            raise EvaluationError(f"images must be uint8 or float in [-1, 1], got {a.dtype}")
-        a = to_uint8(a)
-    if a.shape[-1] != 3 and a.shape[1] == 3:
-        a = a.transpose(0, 2, 3, 1)
-    if a.shape[-1] != 3:
-        raise EvaluationError(f"images must have 3 channels, got shape {a.shape}")
-    return np.ascontiguousarray(a)
+    try:
+        return to_uint8_images(images, strict=True)
+    except ValueError as err:
+        raise EvaluationError(str(err)) from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ mapping-network layers).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -82,6 +82,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..conditioning import Condition
+from ..utils.configs import config_from_dict, config_to_dict
+from .attention import attention, attention_kernel_of
+from .token_cache import KVLayer, KVStore, check_active_index, gather_tokens, patches_of
 from .transformer import Conditioning, _rowwise, timestep_features
 
 __all__ = [
@@ -138,17 +141,17 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
+def _attend(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, kernel: str = "sdpa") -> Tensor:
     """SDPA over ``(B, heads, *, hd)``; ``key_mask`` ``(B, L)`` bool (True = attend) or ``None``.
 
     A row without any key (all False) yields exactly zero instead of NaN: it attends to all its
     (finite) keys and its output is replaced by zeros.
     """
     if key_mask is None:
-        return F.scaled_dot_product_attention(q, k, v)
+        return attention(q, k, v, kernel=kernel)
     has_key = key_mask.any(dim=-1)  # (B,)
     mask = key_mask | ~has_key[:, None]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+    out = attention(q, k, v, mask[:, None, None, :], kernel=kernel)
     return torch.where(has_key[:, None, None, None], out, out.new_zeros(()))
 
 
@@ -166,6 +169,11 @@ class PatchEmbed(nn.Module):
         B, C, H, W = x.shape
         p = self.patch_size
         patches = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, -1, p * p * C)
+        return _rowwise(self.proj, patches.to(self.proj.weight.dtype))
+
+    def forward_at(self, x: Tensor, idx: Tensor) -> Tensor:
+        """The tokens ``idx`` ``(B, n)`` only: ``(B, C, H, W)`` -> ``(B, n, D)``."""
+        patches = gather_tokens(patches_of(x, self.patch_size, channels_last=True), idx)
         return _rowwise(self.proj, patches.to(self.proj.weight.dtype))
 
 
@@ -246,14 +254,19 @@ class SelfAttention(nn.Module):
         x: Tensor,
         rope: tuple[Tensor, Tensor] | None,
         key_mask: Tensor | None = None,
+        kv: KVLayer | None = None,
     ) -> Tensor:
+        """``(B, N, D)`` -> ``(B, N, D)``; a token cache ``kv`` (:mod:`.token_cache`) records the keys
+        (after QK-norm and RoPE) and values, or supplies those of the inactive tokens (partial call)."""
         B, N, D = x.shape
         qkv = _rowwise(self.qkv, x).view(B, N, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, hd)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = _attend(q, k, v, key_mask)
+        if kv is not None:
+            k, v = kv(k, v)
+        out = _attend(q, k, v, key_mask, attention_kernel_of(self))
         return _rowwise(self.proj, out.transpose(1, 2).reshape(B, N, D))
 
 
@@ -276,7 +289,7 @@ class CrossAttention(nn.Module):
         L, hd = context.shape[1], D // self.num_heads
         q = _rowwise(self.q, x).view(B, N, self.num_heads, hd).transpose(1, 2)
         k, v = _rowwise(self.kv, context).view(B, L, 2, self.num_heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
-        out = _attend(self.q_norm(q), self.k_norm(k), v, context_mask)
+        out = _attend(self.q_norm(q), self.k_norm(k), v, context_mask, attention_kernel_of(self))
         return _rowwise(self.proj, out.transpose(1, 2).reshape(B, N, D))
 
 
@@ -321,19 +334,25 @@ class T2IBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, (9 if self.gated else 3) * dim, bias=bias))
 
     def forward(
-        self, x: Tensor, c: Conditioning, rope: tuple[Tensor, Tensor], context: Tensor, context_mask: Tensor
+        self,
+        x: Tensor,
+        c: Conditioning,
+        rope: tuple[Tensor, Tensor],
+        context: Tensor,
+        context_mask: Tensor,
+        kv: KVLayer | None = None,
     ) -> Tensor:
         if self.gated:
             # chunks: (shift, 1 + scale, gate) for self-attention, cross-attention, feed-forward
             m = c.project(self.adaLN_modulation, 9, plus_one=(1, 4, 7))
             ln = F.layer_norm(x, (self.dim,), eps=1e-6)
-            x = torch.addcmul(x, m[2], self.attn(torch.addcmul(m[0], ln, m[1]), rope))
+            x = torch.addcmul(x, m[2], self.attn(torch.addcmul(m[0], ln, m[1]), rope, kv=kv))
             ln = F.layer_norm(x, (self.dim,), eps=1e-6)
             x = torch.addcmul(x, m[5], self.cross(torch.addcmul(m[3], ln, m[4]), context, context_mask))
             ln = F.layer_norm(x, (self.dim,), eps=1e-6)
             return torch.addcmul(x, m[8], self.mlp(torch.addcmul(m[6], ln, m[7])))
         s1, s2, s3 = c.project(self.adaLN_modulation, 3, plus_one=(0, 1, 2))  # 1 + scale each
-        x = x + self.attn(F.rms_norm(x, (self.dim,), eps=1e-6) * s1, rope)
+        x = x + self.attn(F.rms_norm(x, (self.dim,), eps=1e-6) * s1, rope, kv=kv)
         x = x + self.cross(F.rms_norm(x, (self.dim,), eps=1e-6) * s2, context, context_mask)
         return x + self.mlp(F.rms_norm(x, (self.dim,), eps=1e-6) * s3)
 
@@ -395,10 +414,7 @@ class T2IConfig:
     predict_uncertainty: bool = True
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if isinstance(d["input_size"], tuple):
-            d["input_size"] = list(d["input_size"])
-        return {"model_type": self.MODEL_TYPE, **d}
+        return {"model_type": self.MODEL_TYPE, **config_to_dict(self)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> T2IConfig:
@@ -406,13 +422,7 @@ class T2IConfig:
         kind = d.pop("model_type", cls.MODEL_TYPE)
         if kind != cls.MODEL_TYPE:
             raise ValueError(f"not a text-to-image model config: model_type {kind!r} (expected {cls.MODEL_TYPE!r})")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(map(str, set(d) - known))
-        if unknown:
-            raise ValueError(f"unknown text-to-image model config keys: {unknown}; known: {sorted(known)}")
-        if isinstance(d.get("input_size"), list):
-            d["input_size"] = tuple(d["input_size"])
-        return cls(**d)
+        return config_from_dict(cls, d, what="text-to-image model config")
 
 
 class TextToImageTransformer(nn.Module):
@@ -704,6 +714,34 @@ class TextToImageTransformer(nn.Module):
         if self.predict_uncertainty:
             return out[:, : self.in_channels], out[:, self.in_channels :]
         return out, None
+
+    def forward_cached(self, x: Tensor, t: Tensor, text: Any, *, store: KVStore, idx: Tensor | None = None) -> Tensor:
+        """The token-cache forward (:mod:`.token_cache`); ``x, t, text`` as in ``forward`` (eval mode:
+        no position jitter).
+
+        ``idx=None``: a full call, the same numbers as ``forward``, recording every block's
+        self-attention keys (after QK-norm and RoPE) and values in ``store``; returns the token
+        outputs ``(B, N, p * p * K)``. ``idx`` ``(B, n)`` long: a partial call on those tokens (their
+        own RoPE angles, cross-attention to the text and feed-forward for them only), attending to
+        ``store``'s keys and values of the other tokens; returns ``(B, n, p * p * K)``.
+        """
+        t, tokens, mask = self._check_inputs(x, t, text)
+        grid = (x.shape[2] // self.patch_size, x.shape[3] // self.patch_size)
+        context, context_mask = self.encode_text(tokens, mask)
+        rope = self.image_rope(grid, x.shape[0], x.device)
+        if idx is None:
+            c = self.conditioning(t)
+            h = self.x_embedder(x)
+        else:
+            idx = check_active_index(idx, x.shape[0], grid[0] * grid[1])
+            c = self.conditioning(t if t.dim() == 1 else gather_tokens(t, idx))
+            h = self.x_embedder.forward_at(x, idx)
+            rope = tuple(
+                r[idx][:, None] if r.dim() == 2 else gather_tokens(r[:, 0], idx)[:, None] for r in rope
+            )  # (B, 1, n, hd / 2)
+        for i, block in enumerate(self.blocks):
+            h = block(h, c, rope, context, context_mask, store.layer(i, idx))
+        return self.final_layer(h, c)
 
     def extra_repr(self) -> str:
         c = self.config

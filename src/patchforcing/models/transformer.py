@@ -23,8 +23,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..utils.configs import config_from_dict, config_to_dict
+from .attention import attention, attention_kernel_of
+from .token_cache import KVLayer, KVStore, check_active_index, gather_tokens, patches_of
 
 __all__ = [
     "ModelConfig",
@@ -181,6 +184,13 @@ class PatchEmbed(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)
 
+    def forward_at(self, x: Tensor, idx: Tensor) -> Tensor:
+        """The tokens ``idx`` ``(B, n)`` only: ``(B, C, H, W)`` -> ``(B, n, D)`` (the convolution as a
+        matrix product on the gathered patches)."""
+        p = self.proj.kernel_size[0]
+        patches = gather_tokens(patches_of(x, p, channels_last=False), idx)  # (B, n, C p p)
+        return nn.functional.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
+
 
 class Attention(nn.Module):
     """Multi-head self-attention: fused qkv ``(3, heads, head_dim)`` layout, SDPA, projection."""
@@ -193,11 +203,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, kv: KVLayer | None = None) -> Tensor:
+        """``(B, N, D)`` -> ``(B, N, D)``; with a token cache ``kv`` (:mod:`.token_cache`) the keys and
+        values are recorded (full call) or the ``N`` tokens are the active ones of a partial call."""
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
-        x = F.scaled_dot_product_attention(q, k, v)
+        if kv is not None:
+            k, v = kv(k, v)  # a partial call: (B, heads, all tokens, head_dim)
+        x = attention(q, k, v, kernel=attention_kernel_of(self))
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
@@ -223,10 +237,10 @@ class Block(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: Tensor, c: Conditioning) -> Tensor:
+    def forward(self, x: Tensor, c: Conditioning, kv: KVLayer | None = None) -> Tensor:
         # chunks: shift_msa, 1 + scale_msa, gate_msa, shift_mlp, 1 + scale_mlp, gate_mlp
         shift1, scale1, gate1, shift2, scale2, gate2 = c.project(self.adaLN_modulation, 6, plus_one=(1, 4))
-        x = torch.addcmul(x, gate1, self.attn(torch.addcmul(shift1, self.norm1(x), scale1)))
+        x = torch.addcmul(x, gate1, self.attn(torch.addcmul(shift1, self.norm1(x), scale1), kv))
         x = torch.addcmul(x, gate2, self.mlp(torch.addcmul(shift2, self.norm2(x), scale2)))
         return x
 
@@ -306,23 +320,14 @@ class ModelConfig:
     repa: RepaConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if isinstance(d["input_size"], tuple):
-            d["input_size"] = list(d["input_size"])
-        return d
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys: {unknown}; known: {sorted(known)}")
-        d = dict(d)
-        if isinstance(d.get("input_size"), list):
-            d["input_size"] = tuple(d["input_size"])
-        if isinstance(d.get("repa"), Mapping):
-            d["repa"] = RepaConfig(**d["repa"])
-        return cls(**d)
+        def repa(v: Any) -> Any:  # a saved dict -> RepaConfig; None (or a RepaConfig) as it is
+            return RepaConfig(**v) if isinstance(v, Mapping) else v
+
+        return config_from_dict(cls, d, what="model config", convert={"repa": repa})
 
 
 class PatchForcingTransformer(nn.Module):
@@ -565,6 +570,29 @@ class PatchForcingTransformer(nn.Module):
         if self.predict_uncertainty:
             v, logvar = out[:, : self.in_channels], out[:, self.in_channels :]
         return (v, logvar, z) if return_projection else (v, logvar)
+
+    def forward_cached(
+        self, x: Tensor, t: Tensor, y: Tensor | None = None, *, store: KVStore, idx: Tensor | None = None
+    ) -> Tensor:
+        """The token-cache forward (:mod:`.token_cache`); ``x, t, y`` as in ``forward``.
+
+        ``idx=None``: a full call, the same numbers as ``forward``, recording every block's keys
+        and values in ``store``; returns the token outputs ``(B, N, p * p * K)`` (``K`` = channels
+        plus the log-variance channel; :func:`~.token_cache.unpatchify` makes images of them).
+        ``idx`` ``(B, n)`` long: a partial call on those tokens, attending to ``store``'s keys and
+        values of the other tokens; returns ``(B, n, p * p * K)`` in the order of ``idx``.
+        """
+        t, y = self._check_inputs(x, t, y)
+        if idx is None:
+            c = self.conditioning(t, y)
+            h = self.x_embedder(x) + self.pos_embed
+        else:
+            idx = check_active_index(idx, x.shape[0], self.num_patches)
+            c = self.conditioning(t if t.dim() == 1 else gather_tokens(t, idx), y)
+            h = self.x_embedder.forward_at(x, idx) + self.pos_embed[0][idx]
+        for i, block in enumerate(self.blocks):
+            h = block(h, c, store.layer(i, idx))
+        return self.final_layer(h, c)
 
     def forward_with_projection(
         self, x: Tensor, t: Tensor, y: Tensor | None = None

@@ -5,7 +5,16 @@ Sampling at scale (sharded, resumable ``.npz`` output, prompts for text models) 
 :mod:`patchforcing.conditioning`.
 """
 
-from .api import NonFiniteSampleError, SampleResult, accepts_any_size, sample, steps_for_nfe
+from .api import (
+    NonFiniteSampleError,
+    SampleResult,
+    accepts_any_size,
+    plan_flops,
+    sample,
+    steps_for_flops,
+    steps_for_nfe,
+)
+from .cache import TokenCache
 from .guidance import GuidedModel, Prediction
 from .samplers import (
     SAMPLERS,
@@ -35,9 +44,12 @@ __all__ = [
     "Prediction",
     "SampleResult",
     "Sampler",
+    "TokenCache",
     "certain_mask",
     "make_sampler",
     "make_time_grid",
+    "plan_flops",
     "sample",
+    "steps_for_flops",
     "steps_for_nfe",
 ]

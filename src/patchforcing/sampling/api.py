@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..conditioning import Condition, TextEmbeddings, as_condition, condition_kind
+from .cache import TokenCache, plan_call_kinds
 from .guidance import GuidedModel, check_guidance
 from .samplers import SAMPLERS, CallRecord, Sampler, StepContext, TimeGrid, _Recorder, make_sampler, make_time_grid
 
@@ -22,7 +23,9 @@ __all__ = [
     "NonFiniteSampleError",
     "sample",
     "steps_for_nfe",
+    "steps_for_flops",
     "plan_run",
+    "plan_flops",
     "accepts_any_size",
     "check_noise_shape",
 ]
@@ -55,6 +58,11 @@ class SampleResult:
         sampler: sampler name; options: its options (quantile, n_inner, ...).
         seconds: wall-clock time of the integration.
         record: per-call :class:`CallRecord` list when ``record=True``, else ``None``.
+        token_flops: matmul FLOPs the network calls spent (counted from shapes,
+            :func:`~patchforcing.models.token_cache.forward_flops`); ``None`` for a model whose
+            cost is unknown.
+        full_flops: what the same calls would have cost densely (``== token_flops`` without a cache).
+        cache: the token cache's options (:meth:`TokenCache.options`), ``None`` without one.
     """
 
     x: Tensor
@@ -66,6 +74,9 @@ class SampleResult:
     options: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     record: list[CallRecord] | None = None
+    token_flops: int | None = None
+    full_flops: int | None = None
+    cache: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,6 +186,93 @@ def steps_for_nfe(sampler: Sampler, budget: int, guided: GuidedModel, grid: Time
     raise ValueError(f"no step count fits an NFE budget of {budget} with sampler {sampler.name!r}")
 
 
+def plan_flops(
+    sampler: Sampler, grid: Tensor, guided: GuidedModel, batch_size: int, image_size: tuple[int, int]
+) -> tuple[int | None, int] | None:
+    """``(token_flops, full_flops)`` of a run over ``grid`` on ``batch_size`` images of model-space
+    ``image_size``, without a network call (the call pattern and the token cache's refresh pattern
+    are known in advance). ``None`` when the model's cost is unknown; ``token_flops`` is ``None``
+    when a callable mask decides the active count at run time."""
+    costs = guided.call_costs(batch_size, image_size)
+    if costs is None:
+        return None
+    cache, N = guided.cache, costs.num_tokens
+    if cache is None or cache.is_dense(N):
+        calls, nfe = plan_run(sampler, grid, guided)
+        dense = (nfe - calls) * costs(True) + (2 * calls - nfe) * costs(False)
+        return dense, dense
+    steps = [(sampler.calls_per_step(s), guided.guided_at(s)) for s in grid[:-1].tolist()]
+    kinds = plan_call_kinds(steps, cache.refresh_every, dense=False)
+    full = sum(count * costs(g) for (g, _), count in kinds.items())
+    n = cache.count(N)
+    if n is None:
+        return None, full
+    return sum(count * (costs(g) if is_full else costs(g, n)) for (g, is_full), count in kinds.items()), full
+
+
+#: the most steps :func:`steps_for_flops` plans (a larger budget is refused, not searched)
+MAX_FLOP_STEPS = 100_000
+
+
+def _check_flops_budget(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"the FLOP budget must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def steps_for_flops(
+    sampler: Sampler,
+    budget: float,
+    guided: GuidedModel,
+    batch_size: int,
+    image_size: tuple[int, int],
+    grid: TimeGrid = None,
+) -> int:
+    """The largest step count ``K`` whose planned FLOPs (:func:`plan_flops`, ``token_flops`` of the
+    run on ``batch_size`` images: the whole batch, a guided call counting its doubled rows) fit
+    ``budget``.
+
+    Every call costs at least ``f_min`` per NFE (the cheapest kind of call), so only step counts
+    whose NFE fits ``budget / f_min`` (:func:`steps_for_nfe`) are planned, from the largest down.
+
+    Raises:
+        ValueError: a budget that is not a positive number, a model whose cost is unknown, a token
+            cache whose active count is decided at run time (a callable mask), or no step count fits.
+    """
+    budget = _check_flops_budget(budget)
+    costs = guided.call_costs(batch_size, image_size)
+    if costs is None:
+        raise ValueError(
+            f"a FLOP budget needs a model whose FLOPs are known (PFT, SiT, text-to-image PFT), got "
+            f"{type(guided.model).__name__}"
+        )
+    cache, N = guided.cache, costs.num_tokens
+    n = None
+    if cache is not None and not cache.is_dense(N):
+        n = cache.count(N)
+        if n is None:
+            raise ValueError("a FLOP budget needs a known active count: use TokenCache(active=...) or a mask tensor")
+    f_min = min(costs(False, n), costs(True, n) / 2)
+    nfe_cap = int(budget // f_min)
+    fail = ValueError(f"no step count fits a budget of {budget:.4g} FLOPs with sampler {sampler.name!r}")
+    if nfe_cap < 1:
+        raise fail
+    try:
+        top = steps_for_nfe(sampler, nfe_cap, guided, grid)
+    except ValueError:
+        raise fail from None
+    if top > MAX_FLOP_STEPS:
+        raise ValueError(
+            f"a budget of {budget:.4g} FLOPs allows more than {MAX_FLOP_STEPS} steps with sampler {sampler.name!r}; "
+            "give steps= or a smaller budget"
+        )
+    for k in range(top, 0, -1):
+        planned = plan_flops(sampler, make_time_grid(k, grid), guided, batch_size, image_size)
+        if planned[0] <= budget:
+            return k
+    raise fail
+
+
 # --------------------------------------------------------------------------------------------
 # sample()
 # --------------------------------------------------------------------------------------------
@@ -275,9 +373,11 @@ def sample(
     text: TextEmbeddings | None = None,
     cfg_scale: float = 1.0,
     nfe: int | None = None,
+    flops: float | None = None,
     time_grid: TimeGrid = None,
     guidance_interval: tuple[float, float] | None = None,
     guide_uncertainty: bool = True,
+    cache: TokenCache | None = None,
     record: bool = False,
     progress: bool = False,
     **sampler_options: Any,
@@ -299,15 +399,22 @@ def sample(
         cfg_scale: classifier-free guidance scale, finite and ``>= 0`` (1 = none, 0 = unconditional).
         nfe: NFE budget per image (a positive integer) instead of ``steps``: the largest ``K``
             whose NFE fits.
+        flops: a budget of matmul FLOPs for the whole batch instead of ``steps`` or ``nfe``: the
+            largest ``K`` whose planned ``token_flops`` fit (:func:`steps_for_flops`), for
+            comparisons of cached and dense samplers at equal compute.
         time_grid: ``"uniform"`` (default), a callable ``K -> grid`` or explicit increasing times.
         guidance_interval: ``(lo, hi)`` with ``0 <= lo < hi <= 1``: guide only steps starting within it.
         guide_uncertainty: guide the log-variance like the velocity (default).
+        cache: :class:`~patchforcing.sampling.cache.TokenCache`: recompute only the active tokens
+            at most calls (``None``: every call dense). ``active=1`` or ``refresh_every=1`` give the
+            dense run bit for bit.
         record: keep a :class:`CallRecord` per call (CPU copies) for pictures.
         progress: show a tqdm bar over the steps.
         **sampler_options: e.g. ``quantile=0.4`` (in ``[0, 1]``; ``p=`` is a deprecated alias),
             ``n_inner=4`` (integer ``>= 1``), ``context_ratio=1.4`` (``>= 1``).
     Returns:
-        :class:`SampleResult` with ``x``, ``calls``, ``nfe`` (per image), ``steps``, ``grid``.
+        :class:`SampleResult` with ``x``, ``calls``, ``nfe`` (per image), ``steps``, ``grid``,
+        ``token_flops`` and ``full_flops``.
     Raises:
         ValueError: an invalid option (named), before any network call.
         NonFiniteSampleError: the network produced NaN/inf; names the first call and its step.
@@ -318,22 +425,35 @@ def sample(
         steps = _check_count("steps", steps)
     if nfe is not None:
         nfe = _check_count("nfe", nfe)
+    if flops is not None:
+        flops = _check_flops_budget(flops)
+    if cache is not None and not isinstance(cache, TokenCache):
+        raise ValueError(f"cache must be a TokenCache (e.g. pf.TokenCache(active=0.5)), got {type(cache).__name__}")
     cond = _check(model, noise, y, text, cfg_scale, sampler_obj)
-    guided = GuidedModel(model, cond, cfg_scale, guidance_interval, guide_uncertainty)
+    patch = getattr(model, "patch_size", 1)
+    num_patches = (noise.shape[-2] // patch) * (noise.shape[-1] // patch)  # of this noise, not a default size
+    if cache is not None:
+        cache.check(model, noise.shape[0], num_patches)
+    guided = GuidedModel(model, cond, cfg_scale, guidance_interval, guide_uncertainty, cache=cache)
+    batch, size = noise.shape[0], (noise.shape[-2], noise.shape[-1])
 
     explicit_grid = time_grid is not None and not callable(time_grid) and not isinstance(time_grid, str)
-    if nfe is not None:
+    if nfe is not None and flops is not None:
+        raise ValueError("give either an NFE budget or a FLOP budget, not both")
+    if nfe is not None or flops is not None:
         if steps is not None or explicit_grid:
-            raise ValueError("give either an NFE budget or steps / an explicit time grid, not both")
-        steps = steps_for_nfe(sampler_obj, nfe, guided, time_grid)
+            what = "an NFE budget" if nfe is not None else "a FLOP budget"
+            raise ValueError(f"give either {what} or steps / an explicit time grid, not both")
+        if nfe is not None:
+            steps = steps_for_nfe(sampler_obj, nfe, guided, time_grid)
+        else:
+            steps = steps_for_flops(sampler_obj, flops, guided, batch, size, time_grid)
     elif steps is None:
         steps = 50
     grid = make_time_grid(steps, time_grid)
     K = grid.numel() - 1
     planned_calls, planned_nfe = plan_run(sampler_obj, grid, guided)
-
-    patch = getattr(model, "patch_size", 1)
-    num_patches = (noise.shape[-2] // patch) * (noise.shape[-1] // patch)  # of this noise, not a default size
+    planned_flops = plan_flops(sampler_obj, grid, guided, batch, size)
     recorder = _Recorder(record, patch, num_patches)
     ctx = StepContext(guided, patch, num_patches, recorder)
     x = noise.float() if not noise.is_floating_point() else noise
@@ -351,6 +471,12 @@ def sample(
             f"internal error: sampler {sampler_obj.name} made {guided.calls} calls / {guided.nfe} NFE, "
             f"planned {planned_calls} / {planned_nfe}"
         )
+    if planned_flops is not None and (
+        planned_flops[1] != guided.full_flops or planned_flops[0] not in (None, guided.token_flops)
+    ):  # pragma: no cover - internal invariant
+        raise RuntimeError(
+            f"internal error: the run spent {guided.token_flops} of {guided.full_flops} FLOPs, planned {planned_flops}"
+        )
     return SampleResult(
         x=x,
         calls=guided.calls,
@@ -361,4 +487,7 @@ def sample(
         options=sampler_obj.options(),
         seconds=seconds,
         record=recorder.items if record else None,
+        token_flops=guided.token_flops,
+        full_flops=guided.full_flops,
+        cache=None if cache is None else cache.options(),
     )

@@ -48,6 +48,7 @@ from ..utils.images import to_uint8
 from ..utils.io import atomic_write, clean_temp_files, read_json, write_json_atomic
 from ..utils.seeding import indexed_randn, item_hash
 from .api import SampleResult, _check_count, accepts_any_size, sample
+from .cache import TokenCache
 from .guidance import check_guidance
 from .samplers import SAMPLERS, make_sampler, resolve_quantile_alias
 
@@ -108,6 +109,7 @@ class GenerationSpec:
         samples_per_prompt: consecutive samples per prompt (e.g. a grid row per prompt).
         image_size: model-space ``(H, W)`` of the samples; default the model's ``image_size``
             (a model that takes any size, e.g. the T2I one, takes any ``H, W`` divisible by its patch).
+        cache: token caching (:class:`~patchforcing.sampling.cache.TokenCache`), ``None`` for dense calls.
     """
 
     num_samples: int
@@ -125,8 +127,11 @@ class GenerationSpec:
     prompts: list[str] | None = None
     samples_per_prompt: int = 1
     image_size: tuple[int, int] | None = None
+    cache: TokenCache | None = None
 
     def __post_init__(self) -> None:
+        if self.cache is not None and not isinstance(self.cache, TokenCache):
+            raise ValueError(f"cache must be a TokenCache or None, got {type(self.cache).__name__}")
         if self.prompts is not None:
             if isinstance(self.prompts, str):
                 raise ValueError("prompts must be a list of strings, not one string")
@@ -414,6 +419,7 @@ def sample_indices(
         **cond,
         cfg_scale=spec.cfg_scale,
         guidance_interval=spec.guidance_interval,
+        cache=spec.cache,
         progress=progress,
         **spec.options,
     )
@@ -480,6 +486,7 @@ def sampling_settings(
         "cfg_scale": spec.cfg_scale,
         "guidance_interval": None if spec.guidance_interval is None else list(spec.guidance_interval),
         "guide_uncertainty": True,
+        **({"cache": spec.cache.options()} if spec.cache is not None else {}),
         "labels": None if text else spec.labels,
         "classes": None if spec.classes is None else [int(c) for c in spec.classes],
         "prompts_sha256": prompts_sha256(spec.prompts) if text else None,
@@ -629,6 +636,7 @@ def generate(
     total = sum(hi - lo for _, lo, hi in todo)
     bar = tqdm(total=total, desc=f"sampling [rank {rank}]", disable=not progress, dynamic_ncols=True)
     stats: dict[str, Any] = {}
+    flops = {"token_flops": 0, "full_flops": 0}
     seconds, made = 0.0, 0
     for j, lo, hi in todo:
         images, labels, prompt_ids = [], [], []
@@ -644,6 +652,9 @@ def generate(
                 y = None
             labels.append((y if y is not None else torch.full((len(idx),), -1)).numpy())
             stats = {"steps": res.steps, "nfe": res.nfe, "calls_per_batch": res.calls, "options": res.options}
+            for key in flops:
+                value = getattr(res, key)
+                flops[key] = None if value is None or flops[key] is None else flops[key] + value
             bar.update(len(idx))
             bar.set_postfix(img_s=f"{made / max(seconds, 1e-9):.2f}")
         extra = {}
@@ -658,7 +669,7 @@ def generate(
             **extra,
         )
     bar.close()
-    rank_info = {"rank": rank, "images": made, "seconds": seconds, **stats}
+    rank_info = {"rank": rank, "images": made, "seconds": seconds, **stats, **flops}
     write_json_atomic(parts / f"rank_{rank:04d}.json", rank_info)
     if barrier is not None:
         barrier()
@@ -684,6 +695,10 @@ def generate(
         "world_size": world_size,
         "images_generated_this_run": made_all,
         "images_per_sec": made_all / secs if secs > 0 else None,
+        **{  # this run's network FLOPs (all ranks; None when the model's cost is unknown)
+            key: None if any(r.get(key, 0) is None for r in ranks) else sum(r.get(key, 0) for r in ranks)
+            for key in ("token_flops", "full_flops")
+        },
         "settings": settings,
         **(meta or {}),
     }

@@ -10,6 +10,11 @@ class labels reach it as the ``(B,)`` label tensor (exactly as before conditions
 
 Every call also notes, on the device and without a host sync, whether the network's outputs were
 finite; :meth:`GuidedModel.first_nonfinite_call` reads those notes once, at the end of a run.
+
+With a :class:`~patchforcing.sampling.cache.TokenCache` the GuidedModel owns the run's token cache
+(most calls recompute only the active tokens; :mod:`patchforcing.sampling.cache`), and it counts
+the matmul FLOPs of every call (``token_flops``) next to those of the same call made densely
+(``full_flops``) for models whose cost is known (PFT, SiT, T2I; ``None`` otherwise).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..conditioning import ClassLabels, Condition
+from .cache import CallCosts, TokenCache, TokenCacheRun, text_lengths_of
 
 __all__ = ["Prediction", "GuidedModel", "check_guidance"]
 
@@ -65,11 +71,14 @@ class Prediction:
         v: ``(B, C, H, W)`` guided velocity (the plain one without guidance).
         logvar: ``(B, 1, H, W)`` guided (or conditional) log-variance, ``None`` without a head.
         v_cond: ``(B, C, H, W)`` conditional, unguided velocity (``v`` itself without guidance).
+        active: ``(B, N)`` bool, the tokens a token-cached partial call recomputed (the others kept
+            their last outputs); ``None`` for a full call (every token computed).
     """
 
     v: Tensor
     logvar: Tensor | None
     v_cond: Tensor
+    active: Tensor | None = None
 
 
 class GuidedModel:
@@ -86,6 +95,12 @@ class GuidedModel:
             ``lo <= s <= hi``; ``None`` means everywhere.
         guide_uncertainty: combine the log-variances with the same rule as the velocities
             (default, as in the paper); otherwise use the conditional log-variance.
+        cache: token caching options (``None``: every call dense); the run's cache state lives here.
+
+    Attributes:
+        calls, nfe: network calls made, NFE per image.
+        token_flops, full_flops: matmul FLOPs spent so far, and what the same calls cost densely
+            (equal without a cache); ``None`` for a model whose cost is unknown.
     """
 
     def __init__(
@@ -95,6 +110,7 @@ class GuidedModel:
         cfg_scale: float = 1.0,
         guidance_interval: tuple[float, float] | None = None,
         guide_uncertainty: bool = True,
+        cache: TokenCache | None = None,
     ):
         if cond is not None and not isinstance(cond, Condition):
             cond = ClassLabels(torch.as_tensor(cond), model.num_classes)
@@ -110,6 +126,14 @@ class GuidedModel:
         self._doubled_input: Any = None
         if cond is not None and self.cfg_scale != 1.0:
             self._doubled_input = cond.doubled().model_input()
+        if cache is not None and not isinstance(cache, TokenCache):
+            raise ValueError(f"cache must be a TokenCache, got {type(cache).__name__}")
+        self.cache = cache
+        self._cache_run: TokenCacheRun | None = None  # made at the first call (the patch count is known then)
+        self._costs: CallCosts | None = None
+        self._costs_known = True
+        self.token_flops: int | None = 0
+        self.full_flops: int | None = 0
 
     @property
     def y(self) -> Any:
@@ -143,14 +167,15 @@ class GuidedModel:
         self.calls += 1
         if not self.guided_at(s):
             self.nfe += 1
-            v, logvar = self.model(x, t, self._input)
+            v, logvar, active = self._network(x, x, t, self._input, False)
             self._note_finite(v, logvar)
             v = v.to(x.dtype)
             logvar = None if logvar is None else logvar.to(x.dtype)
-            return Prediction(v, logvar, v)
+            self._observe(logvar)
+            return Prediction(v, logvar, v, active)
         self.nfe += 2
         w = self.cfg_scale
-        v2, lv2 = self.model(torch.cat([x, x]), torch.cat([t, t]), self._doubled_input)
+        v2, lv2, active = self._network(x, torch.cat([x, x]), torch.cat([t, t]), self._doubled_input, True)
         self._note_finite(v2, lv2)
         v_u, v_c = v2.to(x.dtype).chunk(2)
         v = v_u + w * (v_c - v_u)
@@ -158,7 +183,56 @@ class GuidedModel:
         if lv2 is not None:
             lv_u, lv_c = lv2.to(x.dtype).chunk(2)
             logvar = lv_u + w * (lv_c - lv_u) if self.guide_uncertainty else lv_c
-        return Prediction(v, logvar, v_c)
+        self._observe(logvar)
+        return Prediction(v, logvar, v_c, active)
+
+    def _network(
+        self, x: Tensor, x_in: Tensor, t_in: Tensor, cond_in: Any, guided: bool
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The network on ``x_in, t_in, cond_in`` (``x``: the images, ``B`` rows): ``(v, logvar, active)``."""
+        p = getattr(self.model, "patch_size", 1)
+        N = (x.shape[-2] // p) * (x.shape[-1] // p)
+        cached = self.cache is not None and not self.cache.is_dense(N)
+        if cached and self._cache_run is None:
+            self.cache.check(self.model, x.shape[0], N)  # (sample() checked already; a direct use is checked here)
+            self._cache_run = TokenCacheRun(self.cache, self.model)
+        if cached:
+            v, logvar, active, n = self._cache_run.evaluate(x, x_in, t_in, cond_in, guided)
+        else:
+            v, logvar = self.model(x_in, t_in, cond_in)
+            active = n = None
+        self._count(x, guided, n)
+        return v, logvar, active
+
+    def _observe(self, logvar: Tensor | None) -> None:
+        if self._cache_run is not None:
+            self._cache_run.observe(logvar)
+
+    def call_costs(self, batch_size: int, image_size: tuple[int, int]) -> CallCosts | None:
+        """The :class:`~patchforcing.sampling.cache.CallCosts` of this run's calls on ``batch_size``
+        images of model-space ``image_size`` (``None``: the model's cost is unknown)."""
+        if getattr(self.model, "config", None) is None:
+            return None
+        try:
+            costs = CallCosts(
+                self.model, batch_size, image_size, text_lengths_of(self.model, self._input, self._doubled_input)
+            )
+            costs(False)
+        except (ValueError, AttributeError, TypeError):
+            return None
+        return costs
+
+    def _count(self, x: Tensor, guided: bool, active: int | None) -> None:
+        if not self._costs_known:
+            return
+        if self._costs is None:
+            self._costs = self.call_costs(x.shape[0], (x.shape[-2], x.shape[-1]))
+            if self._costs is None:
+                self._costs_known = False
+                self.token_flops = self.full_flops = None
+                return
+        self.token_flops += self._costs(guided, active)
+        self.full_flops += self._costs(guided)
 
     def _note_finite(self, v: Tensor, logvar: Tensor | None) -> None:
         ok = torch.isfinite(v).all()

@@ -114,6 +114,8 @@ class CallRecord:
         v: ``(B, C, H, W)`` guided velocity; logvar: ``(B, 1, H, W)`` or ``None``;
         mask: ``(B, N)`` bool certain patches (``None`` where the sampler has no mask);
         x1_hat: ``(B, C, H, W)`` clean estimate ``x + (1 - t) v``.
+        active: ``(B, N)`` bool tokens a token-cached partial call recomputed; ``None`` for a full
+            call (every token; always without a cache).
     """
 
     step: int
@@ -126,6 +128,7 @@ class CallRecord:
     logvar: Tensor | None
     mask: Tensor | None
     x1_hat: Tensor
+    active: Tensor | None = None
 
 
 class _Recorder:
@@ -154,6 +157,7 @@ class _Recorder:
                 logvar=None if pred.logvar is None else pred.logvar.detach().float().cpu().clone(),
                 mask=None if mask is None else mask.detach().cpu().clone(),
                 x1_hat=clean_estimate(x, pred.v, t, self.patch_size).detach().float().cpu(),
+                active=None if pred.active is None else pred.active.detach().cpu().clone(),
             )
         )
 

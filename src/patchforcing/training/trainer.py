@@ -38,6 +38,7 @@ from ..flow.loss import RepaTarget, patch_flow_loss, segment_terms
 from ..flow.timesteps import make_timestep_sampler
 from ..latents import build_latent_dataset, build_online_dataset
 from ..models import PatchForcingTransformer, create_model
+from ..models.attention import set_attention_kernel
 from ..models.registry import is_text_to_image
 from ..sampling import sample
 from ..utils.devices import auto_precision, resolve_device, torchrun_env
@@ -60,6 +61,7 @@ from .distributed import (
     shutdown_distributed,
 )
 from .ema import EMA
+from .speed import build_adamw, resolve_attention_kernel, resolve_fused
 from .text import EncodedStream, TextConditioner, build_captioned_data, caption_dropout, stream_micro_batches
 
 __all__ = [
@@ -378,13 +380,15 @@ class Trainer:
         self.model = self.model if self.fsdp else self.model.to(self.device)
         self.num_classes = getattr(self.model, "num_classes", 0)
         self.ema = EMA(self.model, cfg.ema.decay, cfg.ema.warmup)
+        # the training steps' attention kernel (train.attention); the EMA (validation, samples) keeps SDPA
+        self.attention_kernel = resolve_attention_kernel(tc.attention, self.precision, self.device)
+        set_attention_kernel(self.model, self.attention_kernel)
         if self.fsdp:  # (train.strategy=fsdp) the EMA's shards mirror the model's; it computes in fp32
             shard_model(self.model, self.env, self.precision)
             shard_model(self.ema.model, self.env, training=False)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            params, lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps, weight_decay=oc.weight_decay
-        )
+        self.fused_adamw = resolve_fused(oc.fused, self.device)
+        self.optimizer = build_adamw(params, oc.lr, tuple(oc.betas), oc.eps, oc.weight_decay, self.fused_adamw)
         warmup = max(0, oc.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda k: lr_factor(k, warmup))
         self.timestep_sampler = make_timestep_sampler(cfg.objective.timestep_sampler, **cfg.objective.timestep_options)

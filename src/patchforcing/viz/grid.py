@@ -3,7 +3,9 @@
 Images are ``(B, C, H, W)`` in roughly ``[-1, 1]`` and are converted with
 ``uint8 = clamp(127.5 * x + 128, 0, 255)`` truncated towards zero (so ``-1 -> 0``, ``0 -> 128``,
 ``1 -> 255``). ``C = 1`` is shown grey, ``C = 3`` as RGB; ``C = 2`` shows channel 0 grey and
-``C >= 4`` the first three channels (latents should be decoded first).
+``C >= 4`` the first three channels (latents should be decoded first). :func:`to_uint8_images`
+is :func:`patchforcing.utils.images.to_uint8_images` (re-exported here; the metrics use its
+``strict`` reading).
 """
 
 from __future__ import annotations
@@ -13,39 +15,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
-from ..utils.images import tile_images, to_uint8
+from ..utils.images import tile_images, to_uint8_images
 from .style import PathLike, save
 
 __all__ = ["to_uint8_images", "make_grid", "save_grid", "auto_scale", "upscale"]
-
-
-def to_uint8_images(x: Any) -> np.ndarray:
-    """Images as ``(B, H, W, 3)`` uint8.
-
-    Args:
-        x: ``(B, C, H, W)`` or ``(C, H, W)`` float tensor/array in roughly ``[-1, 1]`` (any
-            device), converted with ``clamp(127.5 * x + 128, 0, 255)`` and truncation to uint8
-            (NaN -> 128). A uint8 array that is already channels-last, ``(B, H, W, 1|3|4)`` or
-            ``(H, W, 1|3|4)``, is passed through (grey repeated, alpha dropped).
-    """
-    if isinstance(x, np.ndarray) and x.dtype == np.uint8:
-        a = x[None] if x.ndim == 3 else x
-        if a.ndim != 4 or a.shape[-1] not in (1, 3, 4):
-            raise ValueError(f"uint8 images must be channels-last (B, H, W, 1|3|4), got shape {x.shape}")
-        return np.ascontiguousarray(np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a[..., :3])
-    t = x.detach().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-    if t.dim() == 3:
-        t = t.unsqueeze(0)
-    if t.dim() != 4:
-        raise ValueError(f"images must be (B, C, H, W) or (C, H, W), got shape {tuple(t.shape)}")
-    if t.shape[1] == 0:
-        raise ValueError("images have no channels")
-    t = t[:, :1].expand(-1, 3, -1, -1) if t.shape[1] < 3 else t[:, :3]
-    u8 = to_uint8(torch.nan_to_num(t.float(), nan=0.0, posinf=1.0, neginf=-1.0))
-    return np.ascontiguousarray(u8.permute(0, 2, 3, 1).numpy())
 
 
 def auto_scale(h: int, w: int, min_px: int) -> int:

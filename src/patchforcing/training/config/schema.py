@@ -24,6 +24,12 @@ AUTOENCODER_CONFIG_KINDS: tuple[str, ...] = ("auto", "kl", "tiny", "flux2", "ide
 #: allowed ``train.precision`` values (``auto``: bf16 autocast on CUDA and on CPUs with native bf16
 #: units (AMX, AVX-512 BF16), fp32 otherwise)
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+#: allowed ``train.attention`` values: the attention kernel of training steps (``auto``: ``math`` for
+#: bf16 on the CPU, ``sdpa`` otherwise; :func:`patchforcing.training.speed.resolve_attention_kernel`)
+ATTENTION_CHOICES: tuple[str, ...] = ("auto", "sdpa", "math")
+#: allowed ``optim.fused`` values (``true``/``false`` in YAML, or the text): AdamW's fused kernel
+#: (``auto``: where torch has it for the device; :func:`patchforcing.training.speed.resolve_fused`)
+FUSED_CHOICES: tuple[str, ...] = ("auto", "true", "false")
 #: allowed ``train.strategy`` values (multi-process runs): ``ddp`` (default) or ``fsdp`` (FSDP2 sharding)
 TRAIN_STRATEGIES: tuple[str, ...] = STRATEGIES
 #: allowed ``repa.source`` values: the encoder runs in the training step, or features cached by ``encode``
@@ -146,7 +152,9 @@ class ObjectiveSection:
 @dataclass
 class OptimSection:
     """AdamW with linear warm-up then a constant rate. ``batch_size`` is the GLOBAL batch (over
-    all ranks and ``grad_accum`` micro-steps); ``grad_clip`` is the max gradient norm (0: off)."""
+    all ranks and ``grad_accum`` micro-steps); ``grad_clip`` is the max gradient norm (0: off).
+    ``fused``: AdamW's fused kernel (``true``), its multi-tensor one (``false``) or ``auto`` (fused on
+    CPU and CUDA: same update to float32 rounding, ~3x faster optimiser step on a CPU)."""
 
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -156,6 +164,7 @@ class OptimSection:
     grad_clip: float = 1.0
     batch_size: int = 256
     grad_accum: int = 1
+    fused: bool | str = "auto"
 
 
 @dataclass
@@ -188,12 +197,16 @@ class TrainSection:
     ``strategy``: how a torchrun (multi-process) run splits the work: ``ddp`` (every rank holds the
     whole model) or ``fsdp`` (FSDP2: weights, gradients, AdamW state and EMA sharded over the ranks,
     for models that do not fit one device; :mod:`patchforcing.training.distributed`). A single
-    process ignores it; checkpoints are the same single file either way."""
+    process ignores it; checkpoints are the same single file either way.
+    ``attention``: the attention kernel of the training steps, ``sdpa`` (PyTorch's fused kernel),
+    ``math`` (explicit matmuls, softmax in fp32) or ``auto`` (``math`` for bf16 on a CPU, where SDPA's
+    bf16 backward is slow, ``sdpa`` otherwise); the EMA and sampling always use ``sdpa``."""
 
     max_steps: int = 400000
     seed: int = 0
     precision: str = "auto"
     compile: bool = False
+    attention: str = "auto"
     log_every: int = 50
     ckpt_every: int = 5000
     keep_last: int = 3

@@ -13,9 +13,11 @@ from ...models.registry import is_text_to_image, parse_model_name
 from .schema import (
     _KINDS_WITH_PATH,
     _SECTIONS,
+    ATTENTION_CHOICES,
     AUTOENCODER_CONFIG_KINDS,
     CAPTIONED_DATA_KINDS,
     DATA_KINDS,
+    FUSED_CHOICES,
     PRECISIONS,
     REPA_SOURCES,
     SAMPLE_SAMPLERS,
@@ -186,6 +188,10 @@ def _validate(cfg: ExperimentConfig) -> None:
             op.batch_size % op.grad_accum == 0,
             f"optim.batch_size ({op.batch_size}) must be divisible by optim.grad_accum ({op.grad_accum})",
         )
+    need(
+        isinstance(op.fused, bool) or str(op.fused).lower() in FUSED_CHOICES,
+        f"optim.fused must be one of {', '.join(FUSED_CHOICES)}; got {op.fused!r}",
+    )
 
     # ema
     need(0 < e.decay < 1, f"ema.decay must be in (0, 1), got {e.decay}")
@@ -198,6 +204,10 @@ def _validate(cfg: ExperimentConfig) -> None:
     # train
     need(t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}")
     need(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}; got {t.precision!r}")
+    need(
+        t.attention in ATTENTION_CHOICES,
+        f"train.attention must be one of {', '.join(ATTENTION_CHOICES)}; got {t.attention!r}",
+    )
     need(
         t.strategy in TRAIN_STRATEGIES,
         f"train.strategy must be one of {', '.join(TRAIN_STRATEGIES)} (ddp: replicated, fsdp: sharded); "
