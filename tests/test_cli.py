@@ -110,3 +110,13 @@ def test_picture_equals_the_npz_images(capsys, tmp_path, ckpt):
     arr = np.load(tmp_path / "s.npz")["arr_0"]
     expected = np.asarray(save_grid(arr))
     assert np.array_equal(np.asarray(Image.open(tmp_path / "g.png").convert("RGB")), expected)
+
+
+def test_viz_of_a_token_cached_run(capsys, tmp_path, ckpt):
+    out = tmp_path / "cache.png"
+    code, err = run(
+        capsys, ["viz", ckpt, "--sampler", "euler_pf", "--steps", "4", "--cache-active", "0.5", "--out", str(out)]
+    )
+    assert code == 0 and out.exists(), err
+    code, err = run(capsys, ["viz", ckpt, "--cache-refresh", "2", "--out", str(tmp_path / "x.png")])
+    assert code == 2 and "--cache-active" in err

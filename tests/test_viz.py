@@ -286,6 +286,29 @@ def test_trajectory_sheet_without_masks(pft, tmp_path):
     assert img.size[1] == viz.trajectory_sheet(res, image_index=1).size[1]
 
 
+def test_trajectory_sheet_of_a_token_cached_run(pft, tmp_path):
+    """A cached run's last column shows the tokens each call kept (True) / recomputed (False): full
+    calls recompute all, partial calls exactly the n = ceil(active * N) most uncertain ones."""
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(2, 3, SIZE, SIZE, generator=g)
+    cache = pf.TokenCache(active=0.25, refresh_every=3)
+    res = pf.sample(pft, noise, "euler_pf", steps=5, y=torch.arange(2), record=True, cache=cache)
+    n_tokens = (SIZE // PATCH) ** 2
+    n_active = -(-n_tokens // 4)
+    run = vt._run(res.record, 1, vt.select(5, 1), PATCH, None, None)
+    assert run.cached
+    for k, (r, m, label) in enumerate(zip(res.record, run.masks, run.labels)):
+        if k % 3 == 0:  # full calls: calls 0 and 3
+            assert r.active is None and not m.any() and "full call" in label
+        else:
+            assert int((~m).sum()) == n_active and "recomputed: 25%" in label
+            assert np.array_equal(~m.reshape(-1), r.active[1].numpy())
+    viz.trajectory_sheet(res, image_index=1, path=tmp_path / "cached.png")
+    assert Image.open(tmp_path / "cached.png").format == "PNG"
+    dense = _run(pft, "euler_pf", steps=3, batch=2)
+    assert not vt._run(dense.record, 0, vt.select(3, 1), PATCH, None, None).cached
+
+
 def test_trajectory_sheet_decode_sets_tile_size(look_ahead):
     def decode(z):  # a stand-in "VAE": 2x nearest upsampling
         return torch.nn.functional.interpolate(z, scale_factor=2, mode="nearest")

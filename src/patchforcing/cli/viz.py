@@ -15,6 +15,7 @@ from .common import (
     positive_int,
     sampler_options,
 )
+from .sample import add_cache_args, token_cache_from
 
 NAME = "viz"
 
@@ -46,6 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=positive_int, default=4, help="samples in the --overview (default 4)")
     p.add_argument("--num-steps", type=positive_int, default=6, help="steps shown in the --overview (default 6)")
     p.add_argument("--out", required=True, help="trajectory.png, trajectory.gif or (with --overview) overview.png")
+    add_cache_args(p)
     p.set_defaults(func=run)
     return p
 
@@ -80,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         decode=decode,
         options=sampler_options(args),
         progress=True,
+        cache=token_cache_from(args),
     )
     k = res.every
     stride = f"all {res.calls} calls" if k == 1 else f"every {_ordinal(k)} of {res.calls} calls, and the last"

@@ -154,9 +154,11 @@ def tile(ax: Any, data: np.ndarray | None, st: Style, norm: Normalize | None = N
         ax.imshow(data, cmap=None if data.ndim == 3 else get_cmap(cmap), norm=None if data.ndim == 3 else norm)
 
 
-def mask_legend(ax: Any, st: Style, **kw: Any) -> Any:
-    """The legend of the certain / uncertain mask colours."""
-    items = [(st.certain, "certain"), (st.uncertain, "uncertain"), (st.na_fill, "n/a: no mask")]
+def mask_legend(
+    ax: Any, st: Style, labels: tuple[str, str, str] = ("certain", "uncertain", "n/a: no mask"), **kw: Any
+) -> Any:
+    """The legend of the mask colours: ``labels`` of the True (certain), False (uncertain) and "n/a" tiles."""
+    items = list(zip((st.certain, st.uncertain, st.na_fill), labels))
     handles = [Patch(facecolor=c, edgecolor="#3c3c3c", linewidth=0.6, label=t) for c, t in items]
     return ax.legend(handles=handles, handlelength=1.0, handleheight=1.0, borderpad=0, **kw)
 

@@ -28,6 +28,7 @@ from PIL import Image
 from torch import nn
 
 from ..sampling import sample
+from ..sampling.cache import TokenCache
 from ..sampling.generate import GenerationSpec, sample_labels, sample_noise
 from ..utils.devices import module_device
 from ..utils.io import atomic_write
@@ -39,6 +40,8 @@ from .style import PathLike, Style, render, resolve, save
 __all__ = ["TrajectoryResult", "render_trajectory", "trajectory_gif", "trajectory_sheet"]
 
 HEADERS = ("current state x", "predicted clean image", "per-patch time t", "uncertainty", "certain patches")
+#: the last column of a token-cached run: which tokens a call recomputed (False tiles) or kept (True)
+CACHE_HEADER, CACHE_LEGEND = "tokens recomputed", ("kept (cached)", "recomputed", "n/a")
 _SAMPLER_NAMES = {"euler": "Euler", "euler_pf": "Euler (PF)", "dual_loop": "Dual-loop", "look_ahead": "Look-ahead"}
 LABEL_PX, ROW_GAP = 130, 12  # the row label column; extra figure height per row beyond the tile
 
@@ -55,6 +58,8 @@ class _Run:
     masks: list[np.ndarray | None]  # (h, w) bool
     limits: tuple[float, float] | None
     tile: tuple[int, int]  # (width, height) px
+    #: a token-cached run: ``masks`` are the tokens each call kept from the cache (True) or recomputed
+    cached: bool = False
 
 
 def _run(
@@ -70,7 +75,13 @@ def _run(
     ih, iw = states.shape[1:3]
     k = 1 if tile is not None and max(ih, iw) > tile else auto_scale(ih, iw, 128 if tile is None else tile)
     times = [patch_times(r, i, h, w) for r in recs]
-    masks = [None if r.mask is None else r.mask.detach().cpu()[i].bool().reshape(h, w).numpy() for r in recs]
+    cached = any(getattr(r, "active", None) is not None for r in record)
+    if cached:  # full calls (refreshes) recompute every token
+        masks = [
+            np.zeros((h, w), bool) if r.active is None else ~r.active[i].bool().reshape(h, w).numpy() for r in recs
+        ]
+    else:
+        masks = [None if r.mask is None else r.mask.detach().cpu()[i].bool().reshape(h, w).numpy() for r in recs]
     variances = [None if r.logvar is None else patch_variance(r.logvar, i, p) for r in recs]
     labels = []
     for r, t, m in zip(recs, times, masks):
@@ -79,7 +90,11 @@ def _run(
             f"s = {r.s:.2f} -> {r.s_next:.2f}",
             f"t = {t.min():.2f}" if t.max() - t.min() < 5e-3 else f"t: {t.min():.2f} to {t.max():.2f}",
         ]
-        labels.append("\n".join(lines + ([] if m is None else [f"certain: {100 * m.mean():.0f}%"])))
+        if cached:
+            lines.append("full call" if r.active is None else f"recomputed: {100 * (1 - m.mean()):.0f}%")
+        elif m is not None:
+            lines.append(f"certain: {100 * m.mean():.0f}%")
+        labels.append("\n".join(lines))
     return _Run(
         labels,
         states,
@@ -89,6 +104,7 @@ def _run(
         masks,
         log_limits(variances),
         (iw * k, ih * k),
+        cached,
     )
 
 
@@ -107,12 +123,14 @@ def sheet_figure(
     subs = ["", "", "0 = noise, 1 = data", "variance (log scale)" if unc is not None else "", ""]
     for k in heads:  # column headers (2 lines, aligned); the maps' colour bars and the mask legend under them
         bare(fig.add_subplot(gs[k, 0]))
-        for j, ((norm, cmap), text, sub) in enumerate(zip(maps, HEADERS, subs)):
+        headers = HEADERS[:4] + ((CACHE_HEADER,) if run.cached else HEADERS[4:])
+        for j, ((norm, cmap), text, sub) in enumerate(zip(maps, headers, subs)):
             ax = fig.add_subplot(gs[k, 1 + j])
             scale(ax, norm, cmap, None, n=4) if norm is not None else bare(ax)
             ax.set_title(f"{text}\n{sub or ' '}", pad=4, linespacing=1.5)
             if j == 4:
-                mask_legend(ax, st, loc="upper left", bbox_to_anchor=(0, 1.6))
+                legend = CACHE_LEGEND if run.cached else ("certain", "uncertain", "n/a: no mask")
+                mask_legend(ax, st, legend, loc="upper left", bbox_to_anchor=(0, 1.6))
     for n, r in enumerate(rows, start=1):
         label = bare(fig.add_subplot(gs[n, 0])).text(0, 0.5, run.labels[r], va="center")
         label.set_in_layout(False)  # every frame of a GIF gets the same layout
@@ -274,6 +292,7 @@ def render_trajectory(
     options: dict[str, Any] | None = None,
     progress: bool = False,
     style: Style | None = None,
+    cache: TokenCache | None = None,
 ) -> TrajectoryResult:
     """Sample sample ``index`` (overview: ``index .. index + num_images - 1``) and draw its run.
 
@@ -290,6 +309,8 @@ def render_trajectory(
         overview: draw :func:`~patchforcing.viz.uncertainty_time_figure` of ``num_images``
             samples at ``num_steps`` steps instead (PNG only).
         decode: latent models: scaled latents ``(B, c, h, w)`` -> images in ``[-1, 1]``.
+        cache: token caching (:class:`~patchforcing.sampling.cache.TokenCache`); the sheet's last
+            column then shows which tokens every call recomputed.
     """
     out = Path(out)
     ext = out.suffix.lower()
@@ -333,6 +354,7 @@ def render_trajectory(
         guidance_interval=guidance_interval,
         record=True,
         progress=progress,
+        cache=cache,
         **spec.options,
     )
     rec = res.record
