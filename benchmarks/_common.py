@@ -15,3 +15,19 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def markdown_header(title: str, cmd: str, info: dict) -> list[str]:
+    """The opening lines of a benchmark's Markdown section: heading, the command, the machine."""
+    return [
+        f"## {title}",
+        "",
+        "Command:",
+        "",
+        "```",
+        cmd.strip(),
+        "```",
+        "",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()) + ".",
+        "",
+    ]

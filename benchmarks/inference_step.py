@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 import patchforcing as pf
-from _common import cpu_model
+from _common import cpu_model, markdown_header
 
 # --------------------------------------------------------------------------------------------
 # Setup helpers
@@ -438,17 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n(step part {t_step:.0f} s, total {t_total:.0f} s{load_end})")
 
     if args.markdown:
-        md = [
-            "## Inference step: PFT vs SiT (issue 2)",
-            "",
-            "Command:",
-            "",
-            "```",
-            cmd.strip(),
-            "```",
-            "",
-            "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()) + ".",
-            "",
+        md = markdown_header("Inference step: PFT vs SiT (issue 2)", cmd, info) + [
             f"One forward call, PFT-{size}/2 vs SiT-{size}/2, batch {args.batch_size}, 32x32x4 inputs, "
             f"{args.dtype}, `torch.inference_mode`, random weights; {args.repeats} timed round-robin "
             f"rounds after {args.warmup} warm-up round(s), medians.",

@@ -75,22 +75,21 @@ def check_exact_nfe(names: list[str], nfe: int, cfg: float) -> None:
 
 
 def paired_differences(per_image, names: list[str], f_real: np.ndarray, replicates: int) -> dict[str, dict]:
-    """Accuracy and FD of every other sampler minus the first, with paired bootstrap 95 % intervals
-    (image ``i`` of every sampler comes from the same prompt and noise)."""
-    from patchforcing.analysis.stats import bootstrap_indices
+    """Accuracy and FD of every other sampler minus the first, with paired percentile-bootstrap 95 %
+    intervals (image ``i`` of every sampler comes from the same prompt and noise)."""
+    from patchforcing.analysis.stats import paired_bootstrap_difference
+
+    def fd(f: np.ndarray) -> float:
+        return frechet_distance_from_features(f, f_real)
 
     base_ok, base_f = per_image[names[0]]
     out = {}
     for name in names[1:]:
         ok, f = per_image[name]
-        idx = bootstrap_indices(len(ok), replicates, seed=0)
-        acc_reps = np.array([ok[i].mean() - base_ok[i].mean() for i in idx])
-        fd = lambda a: frechet_distance_from_features(a, f_real)  # noqa: E731
-        fd_reps = np.array([fd(f[i]) - fd(base_f[i]) for i in idx])
         row = {}
-        for key, est, reps in (("accuracy", ok.mean() - base_ok.mean(), acc_reps), ("fd", fd(f) - fd(base_f), fd_reps)):
-            lo, hi = np.quantile(reps, [0.025, 0.975])
-            row[key] = [float(est), float(lo), float(hi)]
+        for key, a, b, stat in (("accuracy", ok, base_ok, np.mean), ("fd", f, base_f, fd)):
+            iv = paired_bootstrap_difference(a, b, stat, replicates=replicates, method="percentile")
+            row[key] = [iv.estimate, iv.low, iv.high]
         out[name] = row
     return out
 

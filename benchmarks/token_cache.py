@@ -35,6 +35,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import patchforcing as pf
+from _common import markdown_header
 from inference_step import machine_info, randomize_
 
 #: ops whose self time counts as matmul / attention work
@@ -198,17 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table(name, channels, variants, minfo, args, markdown=False))
     print(f"\n(total {time.perf_counter() - t0:.0f} s)")
     if args.markdown:
-        md = [
-            "## Token caching: wall-clock vs FLOPs (issue 13)",
-            "",
-            "Command:",
-            "",
-            "```",
-            cmd.strip(),
-            "```",
-            "",
-            "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()) + ".",
-            "",
+        md = markdown_header("Token caching: wall-clock vs FLOPs (issue 13)", cmd, info) + [
             f"Random weights, fp32, `torch.inference_mode`, {args.repeats} timed round-robin rounds after "
             f"{args.warmup} warm-up round(s); wall speed-up = median of per-round dense/cached ratios; FLOP "
             "speed-up = full_flops / token_flops; shares = self CPU time of one profiled run (matmul: addmm, mm, "

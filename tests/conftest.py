@@ -11,6 +11,20 @@ import patchforcing as pf
 torch.set_num_threads(2)
 
 
+#: a tiny text-to-image PFT (``pf.create_model("PFT-T2I-T/2", **T2I_TINY)``), shared by the T2I tests
+T2I_TINY = dict(
+    input_size=16,
+    in_channels=3,
+    text_dim=24,
+    depth=2,
+    hidden_size=64,
+    num_heads=4,
+    mapping_width=32,
+    refiner_width=48,
+    refiner_heads=4,
+)
+
+
 def randomize(model: nn.Module, std: float = 0.05, seed: int = 0) -> nn.Module:
     """Give every trainable weight (incl. the zero-initialised ones) random values."""
     g = torch.Generator().manual_seed(seed)

@@ -112,11 +112,21 @@ def test_picture_equals_the_npz_images(capsys, tmp_path, ckpt):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "g.png").convert("RGB")), expected)
 
 
-def test_viz_of_a_token_cached_run(capsys, tmp_path, ckpt):
+def test_viz_of_a_token_cached_run(capsys, tmp_path, ckpt, monkeypatch):
+    import patchforcing.cli.viz as cli_viz
+
+    seen = []
+    original = cli_viz.render_trajectory
+
+    def spy(*args, **kwargs):  # the CLI must hand its --cache-* options to the renderer
+        seen.append(kwargs["cache"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cli_viz, "render_trajectory", spy)
     out = tmp_path / "cache.png"
-    code, err = run(
-        capsys, ["viz", ckpt, "--sampler", "euler_pf", "--steps", "4", "--cache-active", "0.5", "--out", str(out)]
-    )
+    argv = ["viz", ckpt, "--sampler", "euler_pf", "--steps", "4", "--cache-active", "0.5", "--cache-refresh", "3"]
+    code, err = run(capsys, argv + ["--out", str(out)])
     assert code == 0 and out.exists(), err
+    assert seen and (seen[0].active, seen[0].refresh_every) == (0.5, 3)
     code, err = run(capsys, ["viz", ckpt, "--cache-refresh", "2", "--out", str(tmp_path / "x.png")])
     assert code == 2 and "--cache-active" in err

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import patchforcing as pf
+from conftest import T2I_TINY
 from patchforcing.checkpoints import CheckpointError, save_released_format
 from patchforcing.cli.app import main as cli_main
 from patchforcing.conditioning import TextEmbeddings, TextTokens
@@ -25,18 +26,8 @@ from patchforcing.models.t2i import (
     rope_angles_2d,
 )
 
-TEXT_DIM = 24
-TINY = dict(
-    input_size=16,
-    in_channels=3,
-    text_dim=TEXT_DIM,
-    depth=2,
-    hidden_size=64,
-    num_heads=4,
-    mapping_width=32,
-    refiner_width=48,
-    refiner_heads=4,
-)
+TINY = T2I_TINY
+TEXT_DIM = TINY["text_dim"]
 
 
 def randomize(model: nn.Module, std: float = 0.05, seed: int = 0) -> nn.Module:

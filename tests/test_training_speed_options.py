@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import patchforcing as pf
+from conftest import T2I_TINY
 from patchforcing.conditioning import TextTokens
 from patchforcing.flow.loss import patch_flow_loss
 from patchforcing.models.attention import attention, attention_kernel_of, set_attention_kernel
@@ -38,20 +39,7 @@ def _tiny_pft(**kw) -> torch.nn.Module:
 
 
 def _tiny_t2i() -> torch.nn.Module:
-    return _randomize(
-        pf.create_model(
-            "PFT-T2I-T/2",
-            input_size=16,
-            in_channels=3,
-            text_dim=24,
-            depth=2,
-            hidden_size=64,
-            num_heads=4,
-            mapping_width=32,
-            refiner_width=48,
-            refiner_heads=4,
-        )
-    ).eval()
+    return _randomize(pf.create_model("PFT-T2I-T/2", **T2I_TINY)).eval()
 
 
 def _pft_inputs(B: int = 3, seed: int = 0):
