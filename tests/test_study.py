@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
 import patchforcing as pf
+import patchforcing.study.compare as compare_mod
 import patchforcing.study.runner as runner_mod
 from conftest import AnalyticModel
 from patchforcing.analysis.stats import (
@@ -26,7 +28,7 @@ from patchforcing.analysis.stats import (
 from patchforcing.cli import main
 from patchforcing.evaluation import feature_statistics, frechet_distance
 from patchforcing.sampling import GuidedModel, make_sampler, steps_for_nfe
-from patchforcing.sampling.generate import GenerationSpec
+from patchforcing.sampling.generate import GenerationSpec, sample_noise
 from patchforcing.study import (
     StudyError,
     StudySpec,
@@ -38,7 +40,9 @@ from patchforcing.study import (
     parse_arms,
     run_study,
 )
+from patchforcing.study.compare import pareto_front
 from patchforcing.study.evaluate import FrechetTo, fd
+from patchforcing.study.report import write_flops_figure, write_report
 from patchforcing.training.config import apply_overrides, load_config
 from patchforcing.utils import RunLock, RunLockedError
 
@@ -338,6 +342,17 @@ def test_interrupted_study_resumes_skipping_finished_runs(finished_study, tmp_pa
         (["--features", "resnet"], "features"),
         (["--quantile", "2"], "quantile"),
         (["data.val_size=0"], "data.val_size"),
+        (["--cache-active", "0"], "--cache-active"),
+        (["--cache-active", "0.5,1.5"], "1.5 is not a share"),
+        (["--cache-active", "0.5", "--cache-select", "uncertainty,entropy"], "unknown selection 'entropy'"),
+        (
+            ["--cache-active", "0.5", "--samplers", "euler_pf", "--cache-samplers", "look_ahead"],
+            "'look_ahead' is not among",
+        ),
+        (["--cache-active", "0.5", "--samplers", "dual_loop"], "--cache-samplers"),
+        (["--cache-select", "random"], "--cache-select needs --cache-active"),
+        (["--cache-active", "half"], "--cache-active 'half'"),
+        (["--sample-precision", "fp16"], "--sample-precision"),
     ],
 )
 def test_cli_refuses_bad_input_before_training(tmp_path, capsys, monkeypatch, argv, message):
@@ -351,3 +366,235 @@ def test_emoji32_study_preset_loads():
     cfg = load_config("emoji32")
     assert cfg.name == "emoji32" and cfg.data.kind == "npz" and cfg.model.name.startswith("PFT-")
     assert cfg.data.val_size >= 256  # a reference big enough for FD in a 128-d feature space
+
+
+# --------------------------------------------------------------------------------------------
+# token-cached samplers: FD against FLOPs
+# --------------------------------------------------------------------------------------------
+
+#: the cells of a study without caching, as they were before caching came (plus their cost)
+_DENSE_CELL_KEYS = {
+    "run", "arm", "seed", "sampler", "nfe_budget", "nfe", "steps", "options", "path",
+    "fd", "precision", "recall", "model_sha256", "gflops_per_image",
+}  # fmt: skip
+
+
+def _cache_spec():
+    return StudySpec(
+        arms=parse_arms("sit,pft"),
+        nfe=[4],
+        samplers=["euler_pf", "look_ahead"],
+        num_samples=24,
+        batch_size=24,
+        classifier_epochs=1,
+        classifier_width=8,
+        bootstrap=30,
+        grid_size=4,
+        cache_active=[1.0, 0.5],
+        cache_select=["uncertainty", "random"],
+    )
+
+
+@pytest.fixture(scope="module")
+def cached_study(tmp_path_factory, finished_study):
+    """A toy study with cached variants; it reuses the trained runs and classifier of
+    ``finished_study`` (the same config: the study skips their training), so only sampling runs."""
+    out = tmp_path_factory.mktemp("study") / "cache"
+    out.mkdir()
+    shutil.copytree(finished_study / "runs", out / "runs")
+    shutil.copy2(finished_study / "classifier.pt", out / "classifier.pt")
+    run_study(load_config("tiny-test", TOY), _cache_spec(), out, progress=False, log=lambda m: None)
+    return out
+
+
+def test_bf16_study_samples_every_cell_in_bf16(tmp_path, finished_study):
+    """``--sample-precision bf16``: every cell's samples are made (and recorded) in bf16, from the same
+    noise and labels. Catches the precision not reaching the sampler, a bf16 file passing for an fp32
+    one on resume, or a record changed for fp32 studies."""
+    out = tmp_path / "bf16"
+    out.mkdir()
+    shutil.copytree(finished_study / "runs", out / "runs")
+    shutil.copy2(finished_study / "classifier.pt", out / "classifier.pt")
+    shutil.copytree(finished_study / "samples", out / "samples")  # fp32 files: must be re-made, not reused
+    run_study(load_config("tiny-test", TOY), _spec(sample_precision="bf16"), out, progress=False, log=lambda m: None)
+    s = json.loads((out / "study.json").read_text())
+    assert s["spec"]["sample_precision"] == "bf16"
+    assert "sample_precision" not in json.loads((finished_study / "study.json").read_text())["spec"]
+    for c in s["cells"]:
+        info = json.loads((out / c["path"]).with_suffix(".json").read_text())
+        assert info["settings"]["precision"] == "bf16"
+        with np.load(out / c["path"]) as z16, np.load(finished_study / c["path"]) as z32:
+            assert np.array_equal(z16["labels"], z32["labels"])
+            a, b = z16["arr_0"].astype(int), z32["arr_0"].astype(int)
+            assert not np.array_equal(a, b) and np.abs(a - b).mean() < 8  # rounded outputs, same noise
+
+
+def _cells(out):
+    s = json.loads((out / "study.json").read_text())
+    return s, {(c["arm"], c.get("variant") or c["sampler"]): c for c in s["cells"]}
+
+
+def _arrays(out, cell):
+    with np.load(out / cell["path"]) as z:
+        return z["arr_0"], z["labels"]
+
+
+def test_cached_variants_at_active_1_are_the_dense_cells(cached_study):
+    """active=1.0 recomputes every token: the cached cells must equal the dense ones bit for bit.
+    Catches a variant sampled from other noise or labels (another seed, a shifted index) or a
+    cache that is not dense at active=1."""
+    s, cells = _cells(cached_study)
+    names = {k[1] for k in cells if k[0] == "pft"}
+    assert names == {
+        f"{sm}{suffix}"
+        for sm in ("euler_pf", "look_ahead")
+        for suffix in ("", "+cache1", "+cache1-random", "+cache0.5", "+cache0.5-random")
+    }
+    assert not any("+cache" in k[1] for k in cells if k[0] == "sit")  # SiT arms stay dense euler
+    for sm in ("euler_pf", "look_ahead"):
+        dense_x, dense_y = _arrays(cached_study, cells[("pft", sm)])
+        for name in (f"{sm}+cache1", f"{sm}+cache1-random"):
+            c = cells[("pft", name)]
+            x, y = _arrays(cached_study, c)
+            assert np.array_equal(x, dense_x) and np.array_equal(y, dense_y), name
+            assert c["path"] == f"samples/pft-s0/{name}-nfe4.npz" and c["sampler"] == sm
+            assert c["cache"]["active"] == 1.0 and c["fd"] == cells[("pft", sm)]["fd"]
+            assert c["gflops_per_image"] == c["dense_gflops_per_image"] == cells[("pft", sm)]["gflops_per_image"]
+    rows = {(r["variant"], r["nfe_budget"]): r for r in s["cache"]["rows"]}
+    assert rows[("euler_pf+cache1", 4)]["vs_dense"]["estimate"] == 0.0  # paired: identical cells, zero difference
+    # the notes leave the all-full cells out: a dense duplicate must not count as a cached result
+    assert [rows[(f"euler_pf+cache{a}", 4)]["partial"] for a in ("1", "0.5")] == [False, True]
+    assert rows[("euler_pf", 4)]["partial"] is None and rows[("euler_pf", 4)]["pareto"] is not None
+    notes = s["cache"]["notes"]
+    assert notes[0].startswith("4 cached cell(s) made no partial call") and "of 4 cached cells are on it" in notes[1]
+    md = (cached_study / "study.md").read_text()
+    assert "## FD against compute (token caching)" in md and "| euler_pf+cache0.5-random | 4 |" in md
+    assert (cached_study / "figures" / "fd_vs_flops.png").is_file()
+
+
+def test_cached_gflops_per_image_are_the_token_flops_of_the_run(cached_study):
+    """The recorded cost of a cell is the FLOPs the sampler spent per image, by hand: euler_pf at
+    4 NFE makes 4 unguided calls; with active 0.5 and refresh 4, call 0 is full and calls 1-3
+    recompute ceil(0.5 * 16) = 8 of the 16 tokens; all 24 images in one batch (the count is per
+    batch: small batches pay padded conditioning rows). Catches dividing by the wrong count,
+    recording the dense cost for a cached cell, or a cache that is not passed to the sampler."""
+    _, cells = _cells(cached_study)
+    model = pf.load_model(cached_study / "runs" / "pft-s0")
+    full, part = pf.forward_flops(model, 24) / 24, pf.forward_flops(model, 24, active=8) / 24
+    assert part < full
+    dense, cached = cells[("pft", "euler_pf")], cells[("pft", "euler_pf+cache0.5")]
+    assert dense["steps"] == cached["steps"] == 4 and dense["nfe"] == cached["nfe"] == 4
+    assert dense["gflops_per_image"] == pytest.approx(4 * full / 1e9, rel=1e-12)
+    assert cached["gflops_per_image"] == pytest.approx((full + 3 * part) / 1e9, rel=1e-12)
+    assert cached["dense_gflops_per_image"] == pytest.approx(dense["gflops_per_image"], rel=1e-12)
+    # and what pf.sample reports for the same inputs
+    x, y = _arrays(cached_study, cached)
+    noise = sample_noise(0, list(range(24)), (model.in_channels, *model.image_size))
+    res = pf.sample(model, noise, "euler_pf", nfe=4, y=torch.as_tensor(y), cache=pf.TokenCache(active=0.5, seed=0))
+    assert cached["gflops_per_image"] == pytest.approx(res.token_flops / 24 / 1e9, rel=1e-12)
+    assert res.full_flops / 24 / 1e9 == pytest.approx(dense["gflops_per_image"], rel=1e-12)
+
+
+def test_random_and_uncertainty_variants_share_inputs_not_samples(cached_study):
+    """The two selections must differ only in which tokens are recomputed: same labels and every
+    sampling setting but the cache's equal to the dense cell's. Catches a random control whose
+    noise or labels differ (a confounded comparison) or a selection that is ignored."""
+    _, cells = _cells(cached_study)
+    info = {n: json.loads((cached_study / cells[("pft", n)]["path"]).with_suffix(".json").read_text()) for n in
+            ("euler_pf", "euler_pf+cache0.5", "euler_pf+cache0.5-random")}  # fmt: skip
+    xu, yu = _arrays(cached_study, cells[("pft", "euler_pf+cache0.5")])
+    xr, yr = _arrays(cached_study, cells[("pft", "euler_pf+cache0.5-random")])
+    assert np.array_equal(yu, yr) and not np.array_equal(xu, xr)
+    dense = info["euler_pf"]["settings"]
+    for n in ("euler_pf+cache0.5", "euler_pf+cache0.5-random"):
+        st = info[n]["settings"]
+        assert {k: v for k, v in st.items() if k != "cache"} == dense and "cache" not in dense
+    assert info["euler_pf+cache0.5"]["settings"]["cache"]["select"] == "uncertainty"
+    assert info["euler_pf+cache0.5-random"]["settings"]["cache"]["select"] == "random"
+    s, _ = _cells(cached_study)
+    sel = {(d["sampler"], d["active"]): d for d in s["cache"]["selection"]}
+    assert set(sel) == {("euler_pf", 1.0), ("euler_pf", 0.5), ("look_ahead", 1.0), ("look_ahead", 0.5)}
+    assert sel[("euler_pf", 1.0)]["estimate"] == 0.0  # both dense at active 1: no difference
+    fds = {r["variant"]: r["fd"] for r in s["cache"]["rows"]}
+    assert sel[("euler_pf", 0.5)]["estimate"] == pytest.approx(
+        fds["euler_pf+cache0.5"] - fds["euler_pf+cache0.5-random"]
+    )
+
+
+def test_pareto_front_known_points_and_ties():
+    """Catches a reversed comparison, a point dominating itself, ties dropped, or unknown costs counted."""
+    pts = [
+        (1.0, 5.0),  # cheapest: on
+        (2.0, 3.0),  # on
+        (2.0, 3.0),  # the same point again: on (neither is lower)
+        (3.0, 3.0),  # same FD as the cheaper (2, 3): dominated, off
+        (3.0, 4.0),  # (2, 3) is cheaper and lower: off
+        (4.0, 1.0),  # best FD: on
+        (4.0, 1.5),  # same cost, higher FD than (4, 1): off
+        (None, 0.1),  # unknown cost: None, dominates nothing
+        (5.0, float("nan")),  # unknown FD: None
+    ]
+    assert pareto_front(pts) == [True, True, True, False, False, True, False, None, None]
+    assert pareto_front([]) == [] and pareto_front([(1.0, 1.0)]) == [True]
+
+
+def test_study_without_cache_flags_keeps_its_record(finished_study):
+    """No --cache-active: no variants, the old cell keys (plus their cost), the old file names and
+    spec record. Catches caching leaking into ordinary studies."""
+    s = json.loads((finished_study / "study.json").read_text())
+    assert "cache" not in s and not any(k.startswith("cache") for k in s["spec"])
+    for c in s["cells"]:
+        assert set(c) == _DENSE_CELL_KEYS, sorted(set(c) ^ _DENSE_CELL_KEYS)
+        assert c["path"] == f"samples/{c['run']}/{c['sampler']}-nfe{c['nfe_budget']}.npz"
+        assert c["gflops_per_image"] > 0
+    assert not (finished_study / "figures" / "fd_vs_flops.png").exists()
+    assert "token caching" not in (finished_study / "study.md").read_text()
+
+
+def test_cached_study_resumes_without_resampling(cached_study, monkeypatch):
+    """A second invocation reuses every cached cell's file. Catches variants whose settings or file
+    names change between invocations (they would be sampled again)."""
+    before = {p: p.stat().st_mtime_ns for p in (cached_study / "samples").rglob("*.npz")}
+    assert sum("+cache" in p.name for p in before) == 8
+    monkeypatch.setattr(runner_mod, "generate", lambda *a, **k: pytest.fail("re-sampled"))
+    first = _without_timing(cached_study / "study.json")
+    run_study(load_config("tiny-test", TOY), _cache_spec(), cached_study, progress=False, log=lambda m: None)
+    assert _without_timing(cached_study / "study.json") == first
+    assert {p: p.stat().st_mtime_ns for p in (cached_study / "samples").rglob("*.npz")} == before
+
+
+def test_cache_settings_are_checked_and_recorded():
+    """Catches an unchecked share, selection or sampler reaching the sampling loop."""
+    spec = _cache_spec()
+    assert [v.name for v in spec.cache_variants()][:2] == ["euler_pf+cache1", "euler_pf+cache1-random"]
+    assert spec.to_dict()["cache_samplers"] == ["euler_pf", "look_ahead"] and spec.to_dict()["cache_refresh"] == 4
+    for kw, match in [
+        ({"cache_active": [0.0]}, "0.0 is not a share"),
+        ({"cache_active": [True]}, "True is not a share"),
+        ({"cache_active": [0.5], "cache_select": ["best"]}, "unknown selection 'best'"),
+        ({"cache_active": [0.5], "cache_samplers": ["dual_loop"]}, "'dual_loop' is not among"),
+        ({"cache_active": [0.5], "cache_refresh": 0}, "cache_refresh"),
+        ({"cache_active": [0.5, 0.5]}, "listed twice"),
+        ({"cache_samplers": ["euler_pf"]}, "needs cache_active"),
+    ]:
+        with pytest.raises(StudyError, match=match):
+            _spec(**kw)
+
+
+def test_gflops_per_image_of_a_record_and_unknown_costs(cached_study, tmp_path):
+    """The per-image cost divides the run's FLOPs by the images that run made (a resumed file's
+    record counts only its new images), and an unknown model cost stays None through the notes,
+    the report and the figure. Catches a division by num_samples after a resume, or a crash on None."""
+    rec = {"token_flops": 24e9, "full_flops": 48e9, "images_generated_this_run": 12, "num_samples": 24}
+    assert runner_mod.gflops_per_image(rec) == 2.0 and runner_mod.gflops_per_image(rec, "full_flops") == 4.0
+    assert runner_mod.gflops_per_image({"token_flops": 48e9, "num_samples": 24}) == 2.0
+    assert runner_mod.gflops_per_image({"token_flops": None, "images_generated_this_run": 24}) is None
+    s = json.loads((cached_study / "study.json").read_text())
+    for r in s["cache"]["rows"]:
+        r.update(gflops_per_image=None, dense_gflops_per_image=None, pareto=None, partial=None)
+    assert compare_mod._cache_notes(_cache_spec(), s["cache"]["rows"], []) == [
+        "The model's FLOPs are unknown: no FD-against-compute comparison is possible."
+    ]
+    assert write_flops_figure(tmp_path / "f.png", s) is None and not (tmp_path / "f.png").exists()
+    md = write_report(tmp_path, s).read_text()
+    assert "| euler_pf+cache0.5 | 4 | n/a |" in md and "| n/a |" in md

@@ -17,11 +17,14 @@ the EMA) keep the attribute; ``state_dict`` and checkpoints never hold it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ATTENTION_KERNELS", "attention", "attention_kernel_of", "set_attention_kernel"]
+__all__ = ["ATTENTION_KERNELS", "attention", "attention_kernel_of", "attention_kernel_scope", "set_attention_kernel"]
 
 #: the kernels :func:`attention` offers
 ATTENTION_KERNELS: tuple[str, ...] = ("sdpa", "math")
@@ -83,3 +86,29 @@ def set_attention_kernel(model: nn.Module, kernel: str) -> int:
             setattr(m, _ATTR, kernel)
             n += 1
     return n
+
+
+@contextmanager
+def attention_kernel_scope(model: nn.Module, kernel: str) -> Iterator[nn.Module]:
+    """``with attention_kernel_scope(model, "math"):`` every attention layer of ``model`` uses
+    ``kernel`` inside the block; afterwards each layer has its own previous kernel again (also
+    when the block raises).
+
+    Raises:
+        ValueError: an unknown kernel name (before anything is changed).
+    """
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {', '.join(ATTENTION_KERNELS)}")
+    types = _attention_module_types()
+    layers = [m for m in model.modules() if isinstance(m, types)]
+    before = [(m, m.__dict__.get(_ATTR)) for m in layers]
+    for m in layers:
+        setattr(m, _ATTR, kernel)
+    try:
+        yield model
+    finally:
+        for m, old in before:
+            if old is None:
+                m.__dict__.pop(_ATTR, None)
+            else:
+                setattr(m, _ATTR, old)

@@ -6,6 +6,7 @@ Sampling at scale (sharded, resumable ``.npz`` output, prompts for text models) 
 """
 
 from .api import (
+    SAMPLING_PRECISIONS,
     NonFiniteSampleError,
     SampleResult,
     accepts_any_size,
@@ -32,6 +33,7 @@ from .samplers import (
 
 __all__ = [
     "SAMPLERS",
+    "SAMPLING_PRECISIONS",
     "CallRecord",
     "accepts_any_size",
     "DualLoop",

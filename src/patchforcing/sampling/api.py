@@ -6,6 +6,8 @@ import bisect
 import math
 import numbers
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +16,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..conditioning import Condition, TextEmbeddings, as_condition, condition_kind
+from ..models.attention import attention_kernel_scope
 from .cache import TokenCache, plan_call_kinds
 from .guidance import GuidedModel, check_guidance
 from .samplers import SAMPLERS, CallRecord, Sampler, StepContext, TimeGrid, _Recorder, make_sampler, make_time_grid
@@ -28,6 +31,9 @@ __all__ = [
     "plan_flops",
     "accepts_any_size",
     "check_noise_shape",
+    "SAMPLING_PRECISIONS",
+    "check_precision",
+    "network_precision",
 ]
 
 
@@ -363,6 +369,35 @@ def _raise_if_not_finite(
         )
 
 
+#: the precisions :func:`sample` runs the network in
+SAMPLING_PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+
+
+def check_precision(precision: Any) -> str:
+    """``precision`` if it is one of :data:`SAMPLING_PRECISIONS`.
+
+    Raises:
+        ValueError: naming the bad value and the choices."""
+    if not isinstance(precision, str) or precision not in SAMPLING_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(SAMPLING_PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+@contextmanager
+def network_precision(model: nn.Module, precision: str, device: torch.device) -> Iterator[None]:
+    """The context the network calls of a run are made in: nothing for ``"fp32"``; bf16 autocast on
+    ``device`` for ``"bf16"``, on a CPU also with the matmul-softmax attention kernel (restored after)."""
+    if check_precision(precision) == "fp32":
+        yield
+        return
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        if device.type == "cpu":
+            with attention_kernel_scope(model, "math"):
+                yield
+        else:
+            yield
+
+
 def sample(
     model: nn.Module,
     noise: Tensor,
@@ -378,6 +413,7 @@ def sample(
     guidance_interval: tuple[float, float] | None = None,
     guide_uncertainty: bool = True,
     cache: TokenCache | None = None,
+    precision: str = "fp32",
     record: bool = False,
     progress: bool = False,
     **sampler_options: Any,
@@ -408,6 +444,11 @@ def sample(
         cache: :class:`~patchforcing.sampling.cache.TokenCache`: recompute only the active tokens
             at most calls (``None``: every call dense). ``active=1`` or ``refresh_every=1`` give the
             dense run bit for bit.
+        precision: ``"fp32"`` (default: the network in float32, as the reference implementation) or
+            ``"bf16"``: the network calls run under bf16 autocast (on a CPU with the matmul-softmax
+            attention kernel, :func:`~patchforcing.models.attention.attention_kernel_scope`, whose
+            bf16 path is faster there); the sampler's state, CFG and updates stay float32. Faster
+            where the hardware has bf16 units (measured in ``benchmarks/RESULTS.md``), not bit-equal.
         record: keep a :class:`CallRecord` per call (CPU copies) for pictures.
         progress: show a tqdm bar over the steps.
         **sampler_options: e.g. ``quantile=0.4`` (in ``[0, 1]``; ``p=`` is a deprecated alias),
@@ -429,6 +470,7 @@ def sample(
         flops = _check_flops_budget(flops)
     if cache is not None and not isinstance(cache, TokenCache):
         raise ValueError(f"cache must be a TokenCache (e.g. pf.TokenCache(active=0.5)), got {type(cache).__name__}")
+    precision = check_precision(precision)
     cond = _check(model, noise, y, text, cfg_scale, sampler_obj)
     patch = getattr(model, "patch_size", 1)
     num_patches = (noise.shape[-2] // patch) * (noise.shape[-1] // patch)  # of this noise, not a default size
@@ -460,7 +502,7 @@ def sample(
     times = grid.tolist()
     first_call_of_step: list[int] = []
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), network_precision(model, precision, noise.device):
         for k in tqdm(range(K), desc=f"sampling ({sampler_obj.name})", disable=not progress, leave=False):
             first_call_of_step.append(guided.calls)
             x = sampler_obj.step(ctx, x, k, times[k], times[k + 1])

@@ -47,7 +47,7 @@ from ..conditioning import TextEmbeddings, condition_kind
 from ..utils.images import to_uint8
 from ..utils.io import atomic_write, clean_temp_files, read_json, write_json_atomic
 from ..utils.seeding import indexed_randn, item_hash
-from .api import SampleResult, _check_count, accepts_any_size, sample
+from .api import SampleResult, _check_count, accepts_any_size, check_precision, sample
 from .cache import TokenCache
 from .guidance import check_guidance
 from .samplers import SAMPLERS, make_sampler, resolve_quantile_alias
@@ -110,6 +110,9 @@ class GenerationSpec:
         image_size: model-space ``(H, W)`` of the samples; default the model's ``image_size``
             (a model that takes any size, e.g. the T2I one, takes any ``H, W`` divisible by its patch).
         cache: token caching (:class:`~patchforcing.sampling.cache.TokenCache`), ``None`` for dense calls.
+        precision: the network's precision, ``"fp32"`` (default) or ``"bf16"`` (autocast; see
+            :func:`~patchforcing.sample`). Part of the settings record (a ``"bf16"`` record never
+            matches an ``"fp32"`` one).
     """
 
     num_samples: int
@@ -128,8 +131,10 @@ class GenerationSpec:
     samples_per_prompt: int = 1
     image_size: tuple[int, int] | None = None
     cache: TokenCache | None = None
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        self.precision = check_precision(self.precision)
         if self.cache is not None and not isinstance(self.cache, TokenCache):
             raise ValueError(f"cache must be a TokenCache or None, got {type(self.cache).__name__}")
         if self.prompts is not None:
@@ -420,6 +425,7 @@ def sample_indices(
         cfg_scale=spec.cfg_scale,
         guidance_interval=spec.guidance_interval,
         cache=spec.cache,
+        precision=spec.precision,
         progress=progress,
         **spec.options,
     )
@@ -487,6 +493,7 @@ def sampling_settings(
         "guidance_interval": None if spec.guidance_interval is None else list(spec.guidance_interval),
         "guide_uncertainty": True,
         **({"cache": spec.cache.options()} if spec.cache is not None else {}),
+        **({"precision": spec.precision} if spec.precision != "fp32" else {}),  # fp32 records read as before
         "labels": None if text else spec.labels,
         "classes": None if spec.classes is None else [int(c) for c in spec.classes],
         "prompts_sha256": prompts_sha256(spec.prompts) if text else None,

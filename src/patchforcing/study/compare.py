@@ -25,11 +25,23 @@ Two sources of error are kept apart and, where both apply, combined in quadratur
 
 Marks are per comparison at the chosen confidence, without correction for the number of
 comparisons; the report says how many were made.
+
+**Token caching** (only when the study has cached variants, :class:`~patchforcing.study.spec.CacheVariant`):
+per PFT arm, every cell (dense samplers and cached variants, seeds pooled as above) with its
+GFLOP per image, and
+
+* the cached cell minus the dense cell of the same sampler at the same NFE (paired bootstrap:
+  same noise and labels);
+* the cached cell minus the best (lowest-FD) dense cell of no more GFLOP per image, the question
+  "is caching better at equal FLOPs";
+* uncertainty minus random selection at the same sampler, share and NFE;
+* the Pareto front of (GFLOP per image, FD) over the arm's cells (:func:`pareto_front`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,7 +50,15 @@ from ..analysis.stats import Interval, centered_interval, combined_interval, t_i
 from ..training.config import ExperimentConfig, config_to_dict
 from .spec import StudySpec
 
-__all__ = ["summarize", "SAMPLER_TEST", "SAMPLER_TEST_SEEDS", "ARM_TEST_SEEDS", "ARM_TEST_ONE_SEED"]
+__all__ = [
+    "summarize",
+    "cell_name",
+    "pareto_front",
+    "SAMPLER_TEST",
+    "SAMPLER_TEST_SEEDS",
+    "ARM_TEST_SEEDS",
+    "ARM_TEST_ONE_SEED",
+]
 
 SAMPLER_TEST = "paired bootstrap over the shared samples"
 SAMPLER_TEST_SEEDS = "paired bootstrap over the shared samples, combined with the spread over training seeds"
@@ -46,6 +66,36 @@ ARM_TEST_SEEDS = "spread over training seeds (Student t, paired by seed) combine
 ARM_TEST_ONE_SEED = "paired bootstrap over the samples only (1 training seed: not a significance test)"
 INTERVAL_ONE_SEED = "bootstrap over the samples and the reference"
 INTERVAL_SEEDS = "bootstrap over the samples and the reference, combined with the spread over training seeds"
+
+
+def cell_name(cell: Mapping[str, Any]) -> str:
+    """What a cell is sampled with: its cached variant's name (``"euler_pf+cache0.5"``), else its sampler."""
+    return cell.get("variant") or cell["sampler"]
+
+
+def pareto_front(points: Sequence[tuple[float | None, float | None]]) -> list[bool | None]:
+    """Which ``(cost, value)`` points are on the front (lower is better in both): no *other* point
+    dominates it, i.e. has a cost ``<=`` and a value ``<=`` with at least one of them strictly lower.
+
+    Ties: identical points are all on the front (neither dominates the other); a point with the
+    same value as a cheaper one, or the same cost as a better one, is not. A point with an unknown
+    (``None`` / non-finite) cost or value is ``None`` and dominates nothing."""
+
+    def known(v: float | None) -> bool:
+        return v is not None and math.isfinite(v)
+
+    out: list[bool | None] = []
+    for i, (c, v) in enumerate(points):
+        if not (known(c) and known(v)):
+            out.append(None)
+            continue
+        out.append(
+            not any(
+                j != i and known(cj) and known(vj) and cj <= c and vj <= v and (cj < c or vj < v)
+                for j, (cj, vj) in enumerate(points)
+            )
+        )
+    return out
 
 
 def _interval(values: list[float], replicates: list[np.ndarray], conf: float, nonnegative: bool = True) -> Interval:
@@ -94,7 +144,7 @@ def summarize(
     their intervals and differences, the floor, notes. ``cells`` carry ``fd``, ``precision``,
     ``recall`` and their bootstrap ``replicates`` (dropped from the output)."""
     conf = spec.confidence
-    by = {(c["arm"], c["seed"], c["sampler"], c["nfe_budget"]): c for c in cells}
+    by = {(c["arm"], c["seed"], cell_name(c), c["nfe_budget"]): c for c in cells}
     seeds = sorted({c["seed"] for c in cells})
     one_seed = len(seeds) == 1
     base_arm, base_sampler = spec.baseline_arm, spec.baseline_sampler
@@ -154,6 +204,7 @@ def summarize(
         for c in cells
     ]
     notes = _notes(spec, rows, floor, floor_iv, one_seed, len(seeds), n_sampler_tests, n_arm_tests)
+    cache = _cache_summary(spec, by, seeds, conf) if spec.cache_variants() else None
     return {
         "version": 1,
         "spec": spec.to_dict(),
@@ -178,6 +229,7 @@ def summarize(
         "comparisons": {"sampler": n_sampler_tests, "arm": n_arm_tests},
         "notes": notes,
         "timing": dict(timing),
+        **({"cache": cache} if cache is not None else {}),
     }
 
 
@@ -218,4 +270,192 @@ def _notes(spec, rows, floor, floor_iv, one_seed, n_seeds, n_sampler_tests, n_ar
             f"Marks are per comparison ({total} comparisons), not corrected for multiplicity: about "
             f"{(1 - spec.confidence) * total:.1f} false marks are expected by chance."
         )
+    return notes
+
+
+def _test(one_seed: bool) -> str:
+    return SAMPLER_TEST if one_seed else SAMPLER_TEST_SEEDS
+
+
+def _cache_summary(
+    spec: StudySpec, by: Mapping[tuple, dict[str, Any]], seeds: list[int], conf: float
+) -> dict[str, Any]:
+    """FD against compute: the rows (every PFT cell with its GFLOP per image, its difference from
+    the dense same sampler and from the best dense cell of no more FLOPs, its Pareto flag), the
+    uncertainty-vs-random comparisons and the notes (see the module docstring)."""
+    one_seed = len(seeds) == 1
+    rows: list[dict[str, Any]] = []
+    selection: list[dict[str, Any]] = []
+    for arm in spec.arms:
+        if not arm.is_pft:
+            continue
+        arm_rows: list[dict[str, Any]] = []
+        pooled: list[list[dict[str, Any]]] = []
+        entries = [(s, None) for s in spec.samplers_for(arm)] + [(v.name, v) for v in spec.cache_variants_for(arm)]
+        for name, v in entries:
+            for nfe in spec.nfe:
+                cs = [by[(arm.name, sd, name, nfe)] for sd in seeds]
+                iv = _interval([c["fd"] for c in cs], [c["replicates"] for c in cs], conf)
+                row: dict[str, Any] = {
+                    "arm": arm.name,
+                    "variant": name,
+                    "sampler": name if v is None else v.sampler,
+                    "cached": v is not None,
+                    "active": None if v is None else v.active,
+                    "select": None if v is None else v.select,
+                    "refresh_every": None if v is None else v.refresh_every,
+                    "nfe_budget": nfe,
+                    "nfe": sorted({c["nfe"] for c in cs if c["nfe"] is not None}),
+                    "gflops_per_image": _mean([c.get("gflops_per_image") for c in cs]),
+                    "dense_gflops_per_image": _mean(
+                        [c.get("dense_gflops_per_image", c.get("gflops_per_image")) for c in cs]
+                    ),
+                    "fd": iv.estimate,
+                    "low": iv.low,
+                    "high": iv.high,
+                }
+                g, dg = row["gflops_per_image"], row["dense_gflops_per_image"]
+                # a cached cell whose calls were all full (active 1, or too few calls) is the dense cell
+                row["partial"] = None if v is None or g is None or dg is None else bool(g < dg)
+                if v is not None:
+                    bs = [by[(arm.name, sd, v.sampler, nfe)] for sd in seeds]
+                    div = _difference(cs, bs, conf)
+                    row["vs_dense"] = {
+                        "baseline": v.sampler,
+                        **_iv(div),
+                        "significant": div.excludes_zero,
+                        "test": _test(one_seed),
+                    }
+                arm_rows.append(row)
+                pooled.append(cs)
+        for r, on in zip(arm_rows, pareto_front([(r["gflops_per_image"], r["fd"]) for r in arm_rows])):
+            r["pareto"] = on
+        dense = [(r, cs) for r, cs in zip(arm_rows, pooled) if not r["cached"] and r["gflops_per_image"] is not None]
+        for r, cs in zip(arm_rows, pooled):
+            if not r["cached"] or r["gflops_per_image"] is None:
+                continue
+            cheaper = [(d, dcs) for d, dcs in dense if d["gflops_per_image"] <= r["gflops_per_image"]]
+            if not cheaper:
+                r["vs_best_cheaper_dense"] = None
+                continue
+            d, dcs = min(cheaper, key=lambda p: p[0]["fd"])
+            div = _difference(cs, dcs, conf)
+            r["vs_best_cheaper_dense"] = {
+                "baseline": f"{d['variant']} @ {d['nfe_budget']} NFE",
+                "baseline_gflops_per_image": d["gflops_per_image"],
+                **_iv(div),
+                "significant": div.excludes_zero,
+                "test": _test(one_seed),
+            }
+        rows += arm_rows
+        for v in spec.cache_variants_for(arm):
+            if v.select != "random":
+                continue
+            twin = next(
+                (
+                    u
+                    for u in spec.cache_variants_for(arm)
+                    if (u.sampler, u.active, u.select) == (v.sampler, v.active, "uncertainty")
+                ),
+                None,
+            )
+            if twin is None:
+                continue
+            for nfe in spec.nfe:
+                us = [by[(arm.name, sd, twin.name, nfe)] for sd in seeds]
+                rs = [by[(arm.name, sd, v.name, nfe)] for sd in seeds]
+                div = _difference(us, rs, conf)
+                partial = next(
+                    r["partial"]
+                    for r in rows
+                    if (r["variant"], r["nfe_budget"]) == (twin.name, nfe) and r["arm"] == arm.name
+                )
+                selection.append(
+                    {
+                        "arm": arm.name,
+                        "partial": partial,
+                        "sampler": v.sampler,
+                        "active": v.active,
+                        "nfe_budget": nfe,
+                        "uncertainty": twin.name,
+                        "random": v.name,
+                        **_iv(div),
+                        "significant": div.excludes_zero,
+                        "test": _test(one_seed),
+                    }
+                )
+    return {
+        "refresh_every": spec.cache_refresh,
+        "rows": rows,
+        "selection": selection,
+        "notes": _cache_notes(spec, rows, selection),
+    }
+
+
+def _at(r: Mapping[str, Any]) -> str:
+    return f"{r['arm']} · {r['variant']} @ {r['nfe_budget']} NFE"
+
+
+def _cache_notes(spec: StudySpec, rows: list[dict[str, Any]], selection: list[dict[str, Any]]) -> list[str]:
+    """Plain sentences the cache rows support (computed, per comparison, no more)."""
+    conf = f"{spec.confidence:.0%}"
+    cached = [r for r in rows if r["cached"]]
+    if not any(r["pareto"] is not None for r in cached):
+        return ["The model's FLOPs are unknown: no FD-against-compute comparison is possible."]
+    notes = []
+    same = [r for r in cached if r["partial"] is False]
+    if same:
+        notes.append(
+            f"{len(same)} cached cell(s) made no partial call (all tokens active, or too few calls for a refresh "
+            f"period of {spec.cache_refresh}): they are the dense cells at the same cost and are left out below "
+            f"({', '.join(_at(r) for r in same)})."
+        )
+    cached = [r for r in cached if r["partial"]]
+    selection = [c for c in selection if c["partial"]]
+    if not cached:
+        return notes
+    on = [r for r in cached if r["pareto"]]
+    notes.append(
+        f"Pareto front of (GFLOP per image, FD) over each arm's cells: {len(on)} of {len(cached)} cached cells are on it"
+        + (f" ({', '.join(_at(r) for r in on)})." if on else ".")
+    )
+    tested = [r for r in cached if r.get("vs_best_cheaper_dense")]
+    better = [
+        r for r in tested if r["vs_best_cheaper_dense"]["significant"] and r["vs_best_cheaper_dense"]["estimate"] < 0
+    ]
+    worse = [
+        r for r in tested if r["vs_best_cheaper_dense"]["significant"] and r["vs_best_cheaper_dense"]["estimate"] > 0
+    ]
+    if tested:
+        s = (
+            f"Against the best dense cell of no more GFLOP per image: {len(better)} of {len(tested)} cached cells have a "
+            f"significantly lower FD, {len(worse)} a significantly higher one ({conf}, paired bootstrap)"
+        )
+        if better:
+            b = min(better, key=lambda r: r["vs_best_cheaper_dense"]["estimate"])
+            d = b["vs_best_cheaper_dense"]
+            s += (
+                f"; the largest gain: {_at(b)} vs {d['baseline']}, ΔFD {d['estimate']:+.4g} "
+                f"[{d['low']:.4g}, {d['high']:.4g}]. By this comparison a cached setting is better at equal FLOPs here "
+                "(one study, marks not corrected for multiplicity)."
+            )
+        else:
+            s += ". No cached setting is shown to be better at equal FLOPs: the dense samplers stay the default."
+        notes.append(s)
+    else:
+        notes.append("No dense cell costs as little as a cached one, so caching is not compared at equal FLOPs.")
+    if selection:
+        lo = [c for c in selection if c["significant"] and c["estimate"] < 0]
+        hi = [c for c in selection if c["significant"] and c["estimate"] > 0]
+        mean = sum(c["estimate"] for c in selection) / len(selection)
+        notes.append(
+            f"Uncertainty against random selection (same sampler, share and NFE; paired): {len(lo)} of {len(selection)} "
+            f"comparisons significantly lower FD with the difficulty head, {len(hi)} significantly higher "
+            f"(mean ΔFD {mean:+.4g})."
+        )
+    n = len(tested) + len(selection) + len(cached)
+    notes.append(
+        f"{n} cache comparisons at {conf} (vs the dense same sampler, vs the best cheaper dense cell, uncertainty vs "
+        f"random), not corrected for multiplicity: about {(1 - spec.confidence) * n:.1f} false marks are expected by chance."
+    )
     return notes

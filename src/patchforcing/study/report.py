@@ -8,9 +8,11 @@ from typing import Any
 import numpy as np
 
 from ..viz import COLORS, Series, line_chart, sampler_comparison
+from ..viz.style import render, resolve, rgb01, save
+from .compare import cell_name
 from .spec import StudySpec
 
-__all__ = ["write_report", "write_figures", "metric_name", "SAMPLER_MARK", "ARM_MARK"]
+__all__ = ["write_report", "write_figures", "write_flops_figure", "metric_name", "SAMPLER_MARK", "ARM_MARK"]
 
 SAMPLER_MARK = "†"
 ARM_MARK = "*"
@@ -141,6 +143,8 @@ def write_report(out: Path, s: dict[str, Any]) -> Path:
                 f"{per_seed} | {sig} |"
             )
         lines += ["", f"Test: {arows[0]['vs_arm']['test']}.", ""]
+    if s.get("cache"):
+        lines += _cache_section(s, metric, conf)
     lines += [
         f"## Precision and recall (k = {spec['k']}, against the held-out reference)",
         "",
@@ -183,15 +187,146 @@ def write_report(out: Path, s: dict[str, Any]) -> Path:
         "",
         "`study.json` (every number), `figures/fd_vs_nfe.png`, `figures/val_loss_vs_t.png`, "
         "`figures/grid_nfe<N>.png` (the first samples of every arm and sampler: same noise and labels), "
-        "`runs/` (one run directory per arm and seed), `samples/` (the scored `.npz` files).",
+        "`runs/` (one run directory per arm and seed), `samples/` (the scored `.npz` files)"
+        + (", `figures/fd_vs_flops.png` (FD against GFLOP per image)." if s.get("cache") else "."),
     ]
     path = out / "study.md"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
+def _cache_section(s: dict[str, Any], metric: str, conf: str) -> list[str]:
+    """The "FD against compute (token caching)" section of ``study.md``."""
+    c = s["cache"]
+    lines = [
+        "## FD against compute (token caching)",
+        "",
+        f"Every PFT cell (dense samplers and their token-cached variants `<sampler>+cache<A>`: a share A of the "
+        f"tokens recomputed at most calls, a full call every {c['refresh_every']} calls, the tokens chosen by the "
+        "difficulty head; `-random`: the same with random tokens, the control) with its network cost. GFLOP per "
+        "image: matmul FLOPs actually spent (`token_flops`), seeds pooled as in the main table. Cached cells use "
+        "the same noise and labels as the dense cells, so their differences are paired. "
+        f"Δ vs dense: the cached cell minus the dense same sampler at the same NFE ({conf} interval; "
+        f"{SAMPLER_MARK}: it excludes 0). "
+        "Pareto: no other cell of the arm is at least as good in both (GFLOP per image and FD) and better in one.",
+        "",
+    ]
+    for arm in dict.fromkeys(r["arm"] for r in c["rows"]):
+        rows = [r for r in c["rows"] if r["arm"] == arm]
+        lines += [
+            f"### {arm}",
+            "",
+            f"| cell | NFE | GFLOP / image | {metric} | {conf} interval | Δ vs dense | {conf} interval | Pareto |",
+            "|---|---:|---:|---:|---|---:|---|---|",
+        ]
+        for r in rows:
+            d = r.get("vs_dense")
+            delta = (
+                f"{d['estimate']:+.4g}{' ' + SAMPLER_MARK if d['significant'] else ''} | {_ci(d['low'], d['high'])}"
+                if d
+                else "- | -"
+            )
+            front = "n/a" if r["pareto"] is None else ("yes" if r["pareto"] else "no")
+            lines.append(
+                f"| {r['variant']} | {r['nfe_budget']} | {_num(r['gflops_per_image'])} | {_num(r['fd'])} | "
+                f"{_ci(r['low'], r['high'])} | {delta} | {front} |"
+            )
+        lines.append("")
+    cheaper = [r for r in c["rows"] if r.get("vs_best_cheaper_dense")]
+    if cheaper:
+        lines += [
+            "### Cached cells against the best dense cell of no more GFLOP per image",
+            "",
+            f"| arm | cell | NFE | GFLOP / image | dense cell | its GFLOP / image | Δ{metric} | {conf} interval | significant |",
+            "|---|---|---:|---:|---|---:|---:|---|---|",
+        ]
+        for r in cheaper:
+            d = r["vs_best_cheaper_dense"]
+            lines.append(
+                f"| {r['arm']} | {r['variant']} | {r['nfe_budget']} | {_num(r['gflops_per_image'])} | {d['baseline']} | "
+                f"{_num(d['baseline_gflops_per_image'])} | {d['estimate']:+.4g} | {_ci(d['low'], d['high'])} | "
+                f"{'yes' if d['significant'] else 'no'} |"
+            )
+        lines.append("")
+    if c["selection"]:
+        lines += [
+            "### Uncertainty against random selection (same sampler, share and NFE)",
+            "",
+            f"| arm | sampler | active | NFE | Δ{metric} (uncertainty - random) | {conf} interval | significant |",
+            "|---|---|---:|---:|---:|---|---|",
+        ]
+        for d in c["selection"]:
+            lines.append(
+                f"| {d['arm']} | {d['sampler']} | {d['active']:g} | {d['nfe_budget']} | {d['estimate']:+.4g} | "
+                f"{_ci(d['low'], d['high'])} | {'yes' if d['significant'] else 'no'} |"
+            )
+        lines.append("")
+    lines += [f"- {n}" for n in c["notes"]]
+    lines += ["", "Figure: `figures/fd_vs_flops.png`.", ""]
+    return lines
+
+
+def write_flops_figure(path: Path, s: dict[str, Any]) -> Path | None:
+    """``FD`` against GFLOP per image: one line per (arm, cell) over the NFE list (dense solid,
+    cached dashed, random-selection dotted; colour: arm and sampler, marker: the active share),
+    the floor as a horizontal line, the Pareto-front cells ringed. ``None`` (nothing drawn) when
+    no cell has a known cost."""
+    rows = [r for r in s["cache"]["rows"] if r["gflops_per_image"] is not None and np.isfinite(r["fd"])]
+    if not rows:
+        return None
+    metric = metric_name(s)
+    pairs = list(dict.fromkeys((r["arm"], r["sampler"]) for r in rows))  # colour: (arm, sampler)
+    shares = [None] + sorted({r["active"] for r in rows if r["cached"]}, reverse=True)  # marker: the share
+    st = resolve(None)
+    with st.context():
+        fig = st.figure(720, 520, f"{metric} against compute")
+        xs = [r["gflops_per_image"] for r in rows]
+        ax = fig.add_subplot(xlabel="GFLOP per image", ylabel=metric)
+        ax.set_title(
+            f"a point per NFE · dashed: cached · dotted: random tokens · ringed: Pareto · grey: floor {s['floor']['fd']:.3g}",
+            loc="left",
+            fontsize="medium",
+            color=st.muted,
+        )
+        if min(xs) > 0 and max(xs) / min(xs) >= 4:
+            ax.set_xscale("log")
+        ax.axhline(s["floor"]["fd"], color=st.muted, linewidth=0.9, zorder=1)
+        for arm, variant in dict.fromkeys((r["arm"], r["variant"]) for r in rows):
+            line = sorted(
+                (r for r in rows if (r["arm"], r["variant"]) == (arm, variant)), key=lambda r: r["nfe_budget"]
+            )
+            first = line[0]
+            style = ":" if first["select"] == "random" else ("--" if first["cached"] else "-")
+            color = rgb01(COLORS[pairs.index((arm, first["sampler"])) % len(COLORS)])
+            ax.plot(
+                [r["gflops_per_image"] for r in line],
+                [r["fd"] for r in line],
+                linestyle=style,
+                color=color,
+                marker=_MARKERS[shares.index(first["active"]) % len(_MARKERS)],
+                markersize=5,
+                label=f"{arm} · {variant}",
+            )
+        front = [r for r in rows if r["pareto"]]
+        if front:
+            ax.scatter(
+                [r["gflops_per_image"] for r in front],
+                [r["fd"] for r in front],
+                s=150,
+                facecolors="none",
+                edgecolors=st.fg,
+                linewidths=1.2,
+                zorder=4,
+                label="Pareto front",
+            )
+        fig.legend(loc="outside lower left", ncols=2)
+        save(render(fig), path)
+    return path
+
+
 def write_figures(out: Path, s: dict[str, Any], spec: StudySpec) -> list[Path]:
-    """``figures/fd_vs_nfe.png``, ``figures/val_loss_vs_t.png``, ``figures/grid_nfe<N>.png``."""
+    """``figures/fd_vs_nfe.png``, ``figures/val_loss_vs_t.png``, ``figures/grid_nfe<N>.png`` and, with
+    cached variants, ``figures/fd_vs_flops.png``."""
     figs = out / "figures"
     metric = metric_name(s)
     paths = []
@@ -250,15 +385,20 @@ def write_figures(out: Path, s: dict[str, Any], spec: StudySpec) -> list[Path]:
         )
         paths.append(p)
 
+    if s.get("cache"):
+        p = write_flops_figure(figs / "fd_vs_flops.png", s)
+        if p is not None:
+            paths.append(p)
+
     first_seed = s["seeds"][0]
     for nfe in spec.nfe:
         grids, labels = {}, {}
         for c in s["cells"]:
             if c["seed"] == first_seed and c["nfe_budget"] == nfe:
                 with np.load(out / c["path"], allow_pickle=False) as z:
-                    key = f"{c['arm']} · {c['sampler']}"
+                    key = f"{c['arm']} · {cell_name(c)}"
                     grids[key] = z["arr_0"][: spec.grid_size]
-                    labels[key] = f"{c['arm']}\n{c['sampler']} · {c['steps']} steps"
+                    labels[key] = f"{c['arm']}\n{cell_name(c)} · {c['steps']} steps"
         if grids:
             p = figs / f"grid_nfe{nfe}.png"
             sampler_comparison(grids, p, labels=labels, title=f"{nfe} NFE: same noise and labels in every panel")

@@ -9,6 +9,8 @@ The study folder::
       figures/grid_nfe<N>.png         the first samples of every (arm, sampler): same noise and labels
       runs/<arm>-s<seed>/             ordinary run directories (`patchforcing train` layout; resumable)
       samples/<arm>-s<seed>/<sampler>-nfe<N>.npz (+ .json, .npz.parts/)   ADM .npz samples
+      samples/<arm>-s<seed>/<sampler>+cache<A>[-random]-nfe<N>.npz   token-cached variants (PFT arms)
+      figures/fd_vs_flops.png         FD against GFLOP per image (only with cached variants)
       classifier.pt                   the feature classifier (features "classifier")
       eval/                           cached features
       study-settings.json             the spec and base config of the last invocation
@@ -47,11 +49,11 @@ from ..training.config import ExperimentConfig, config_to_dict, save_config
 from ..training.distributed import DistEnv, init_distributed, shutdown_distributed
 from ..training.trainer import Trainer
 from ..utils.io import RunLock, atomic_write, ensure_writable_dir, read_json, write_json_atomic
-from .compare import summarize
+from .compare import cell_name, summarize
 from .data import RealSets, check_held_out, data_identity, real_sets
 from .evaluate import bootstrap_fd, cached_features, fd, image_features, make_extractor, pr
 from .report import write_figures, write_report
-from .spec import Arm, StudyError, StudySpec, arm_config, check_fair, run_id
+from .spec import Arm, CacheVariant, StudyError, StudySpec, arm_config, check_fair, run_id
 
 __all__ = [
     "StudyRun",
@@ -59,6 +61,7 @@ __all__ = [
     "check_study",
     "generation_spec",
     "check_shared_inputs",
+    "gflops_per_image",
     "run_study",
     "STUDY_FORMAT",
 ]
@@ -93,8 +96,13 @@ def plan_runs(base: ExperimentConfig, spec: StudySpec, out: Path) -> list[StudyR
     return runs
 
 
-def generation_spec(spec: StudySpec, real: RealSets, sampler: str, nfe: int) -> GenerationSpec:
-    """The sampling spec of one (sampler, NFE) cell: the study's seed, labels and count, always."""
+def generation_spec(
+    spec: StudySpec, real: RealSets, sampler: str, nfe: int, variant: CacheVariant | None = None
+) -> GenerationSpec:
+    """The sampling spec of one (sampler, NFE) cell: the study's seed, labels and count, always.
+
+    With a cached ``variant`` (of ``sampler``): the same spec plus the variant's token cache
+    (its random choice seeded by the study's sample seed)."""
     return GenerationSpec(
         num_samples=spec.num_samples,
         batch_size=spec.batch_size,
@@ -103,7 +111,21 @@ def generation_spec(spec: StudySpec, real: RealSets, sampler: str, nfe: int) -> 
         nfe=nfe,
         classes=list(real.classes),
         options=spec.options_of(sampler),
+        cache=None if variant is None else variant.token_cache(spec.sample_seed),
+        precision=spec.sample_precision,
     )
+
+
+def gflops_per_image(info: dict[str, Any], key: str = "token_flops") -> float | None:
+    """GFLOP per image of a sample file's ``.json`` record: ``info[key]`` (``"token_flops"``
+    spent, ``"full_flops"`` the same calls done densely) over the images that run made
+    (``images_generated_this_run``, the FLOPs being those of that run; ``num_samples`` when the
+    record has no count), divided by 1e9. ``None`` when the model's cost is unknown."""
+    flops = info.get(key)
+    made = info.get("images_generated_this_run", info.get("num_samples"))
+    if flops is None or not made:
+        return None
+    return float(flops) / float(made) / 1e9
 
 
 def check_shared_inputs(specs: list[GenerationSpec]) -> None:
@@ -111,7 +133,7 @@ def check_shared_inputs(specs: list[GenerationSpec]) -> None:
 
     Raises:
         StudyError: naming what differs (a bug in the study, never a user error)."""
-    keys = ("seed", "labels", "classes", "num_samples", "cfg_scale", "guidance_interval")
+    keys = ("seed", "labels", "classes", "num_samples", "cfg_scale", "guidance_interval", "precision")
     for s in specs[1:]:
         diff = [k for k in keys if getattr(s, k) != getattr(specs[0], k)]
         if diff:
@@ -320,6 +342,9 @@ def run_study(
 
         log(f"[3/4] sampling {spec.num_samples} images per run, sampler and NFE ({', '.join(map(str, spec.nfe))})")
         gspecs = {(s, n): generation_spec(spec, real, s, n) for s in spec.samplers_of_any() for n in spec.nfe}
+        gspecs |= {
+            (v.name, n): generation_spec(spec, real, v.sampler, n, v) for v in spec.cache_variants() for n in spec.nfe
+        }
         check_shared_inputs(list(gspecs.values()))
         cells: list[dict[str, Any]] = []
         t_sample = time.perf_counter()
@@ -327,25 +352,33 @@ def run_study(
             model = load_model(run.dir, map_location="cpu").to(device).eval()
             decode, decode_meta = _decoder(run.dir, model, device)
             meta = {"model_sha256": model_sha256(model), "run": run.id, "decode": decode_meta}
-            for sampler in spec.samplers_for(run.arm):
+            variants = [(s, None) for s in spec.samplers_for(run.arm)]
+            variants += [(v.name, v) for v in spec.cache_variants_for(run.arm)]
+            for name, variant in variants:
                 for nfe in spec.nfe:
-                    gs = gspecs[(sampler, nfe)]
-                    path = out / "samples" / run.id / f"{sampler}-nfe{nfe}.npz"
-                    info = _sample(model, gs, path, decode, meta, env, device, progress, log, run.id)
-                    cells.append(
-                        {
-                            "run": run.id,
-                            "arm": run.arm.name,
-                            "seed": run.cfg.train.seed,
-                            "sampler": sampler,
-                            "nfe_budget": nfe,
-                            "nfe": info.get("nfe"),
-                            "steps": info.get("steps"),
-                            "options": info.get("options"),
-                            "path": str(path.relative_to(out)),
-                            "settings": info.get("settings"),
+                    gs = gspecs[(name, nfe)]
+                    path = out / "samples" / run.id / f"{name}-nfe{nfe}.npz"
+                    info = _sample(model, gs, path, decode, meta, env, device, progress, log, run.id, name)
+                    cell = {
+                        "run": run.id,
+                        "arm": run.arm.name,
+                        "seed": run.cfg.train.seed,
+                        "sampler": gs.sampler,
+                        "nfe_budget": nfe,
+                        "nfe": info.get("nfe"),
+                        "steps": info.get("steps"),
+                        "options": info.get("options"),
+                        "path": str(path.relative_to(out)),
+                        "settings": info.get("settings"),
+                        "gflops_per_image": gflops_per_image(info),
+                    }
+                    if variant is not None:
+                        cell |= {
+                            "variant": name,
+                            "cache": gs.cache.options(),
+                            "dense_gflops_per_image": gflops_per_image(info, "full_flops"),
                         }
-                    )
+                    cells.append(cell)
             del model
         sample_seconds = time.perf_counter() - t_sample
 
@@ -372,7 +405,7 @@ def run_study(
             meta = {"features": fmeta, "settings": c["settings"], "num_samples": spec.num_samples}
             p = out / c["path"]
             feats[i] = cached_features(
-                out / "eval" / c["run"] / f"{c['sampler']}-nfe{c['nfe_budget']}.npz",
+                out / "eval" / c["run"] / f"{cell_name(c)}-nfe{c['nfe_budget']}.npz",
                 meta,
                 lambda p=p: image_features(p, extractor),
             )
@@ -435,7 +468,9 @@ def run_study(
             shutdown_distributed()
 
 
-def _sample(model, gs, path: Path, decode, meta, env: DistEnv, device, progress: bool, log, rid: str) -> dict:
+def _sample(
+    model, gs, path: Path, decode, meta, env: DistEnv, device, progress: bool, log, rid: str, name: str | None = None
+) -> dict:
     """Generate one cell (or reuse it when its file matches the settings); returns its ``.json`` record."""
     settings = sampling_settings(model, gs, decode=decode, meta=meta)
     info_path = path.with_suffix(".json")
@@ -443,7 +478,7 @@ def _sample(model, gs, path: Path, decode, meta, env: DistEnv, device, progress:
         info = read_json(info_path)
         if info.get("settings") == settings and info.get("num_samples") == gs.num_samples:
             return info
-    log(f"  {rid}: {gs.sampler} at {gs.nfe} NFE -> {path}")
+    log(f"  {rid}: {name or gs.sampler} at {gs.nfe} NFE -> {path}")
     kwargs = dict(
         decode=decode,
         rank=env.rank,

@@ -31,16 +31,19 @@ from typing import Any
 
 from ..flow.timesteps import TIMESTEP_SAMPLERS
 from ..models.registry import FAMILIES, parse_model_name
-from ..sampling import SAMPLERS, make_sampler
+from ..sampling import SAMPLERS, SAMPLING_PRECISIONS, make_sampler
+from ..sampling.cache import SELECTIONS, TokenCache
 from ..training.config import ExperimentConfig, ObjectiveSection, apply_overrides, config_to_dict
 
 __all__ = [
     "StudyError",
     "Arm",
+    "CacheVariant",
     "StudySpec",
     "parse_arm",
     "parse_arms",
     "parse_int_list",
+    "parse_float_list",
     "parse_name_list",
     "arm_config",
     "check_fair",
@@ -48,6 +51,8 @@ __all__ = [
     "ARM_ALIASES",
     "PER_IMAGE_TIMESTEP_SAMPLERS",
     "FAIRNESS_FREE_KEYS",
+    "CACHE_SAMPLERS",
+    "CACHE_REFRESH",
 ]
 
 
@@ -75,6 +80,10 @@ FAIRNESS_FREE_KEYS: tuple[str, ...] = (
     "sample.options",
     "train.seed",
 )
+#: the samplers ``cache_samplers`` defaults to (those of them the study samples)
+CACHE_SAMPLERS: tuple[str, ...] = ("euler_pf", "look_ahead")
+#: default refresh period of the cached variants (as ``patchforcing sample --cache-refresh``)
+CACHE_REFRESH = 4
 
 
 @dataclass(frozen=True)
@@ -158,6 +167,41 @@ def parse_int_list(text: str | Sequence[int], what: str) -> list[int]:
     return sorted(values)
 
 
+def parse_float_list(text: str | Sequence[float], what: str) -> list[float]:
+    """``"0.5,0.25"`` -> ``[0.5, 0.25]`` (numbers, in the order given; ranges are checked by the user)."""
+    names = parse_name_list(text if isinstance(text, str) else [str(v) for v in text], what)
+    try:
+        values = [float(v) for v in names]
+    except ValueError:
+        raise StudyError(f"{what} {text!r}: give comma-separated numbers, e.g. 0.5,0.25") from None
+    return values
+
+
+@dataclass(frozen=True)
+class CacheVariant:
+    """A token-cached version of a PFT sampler: ``sampler`` with
+    ``TokenCache(active, refresh_every, select)``.
+
+    ``name`` is the study's (and the sample files') name of the variant:
+    ``<sampler>+cache<active>`` for the uncertainty selection, ``<sampler>+cache<active>-random``
+    for the random control (``euler_pf+cache0.5``, ``look_ahead+cache0.25-random``); ``active`` is
+    written with ``%g`` (``1.0`` -> ``cache1``). The refresh period is the study's, one for all
+    variants, and is not part of the name."""
+
+    sampler: str
+    active: float
+    select: str
+    refresh_every: int = CACHE_REFRESH
+
+    @property
+    def name(self) -> str:
+        return f"{self.sampler}+cache{self.active:g}" + ("" if self.select == "uncertainty" else f"-{self.select}")
+
+    def token_cache(self, seed: int) -> TokenCache:
+        """The :class:`~patchforcing.sampling.cache.TokenCache` of the variant (``seed``: of the random choice)."""
+        return TokenCache(active=self.active, refresh_every=self.refresh_every, select=self.select, seed=int(seed))
+
+
 def run_id(arm: Arm, seed: int) -> str:
     """The name of an (arm, seed) run directory: ``"pft-srm-s0"``."""
     return f"{arm.name}-s{seed}"
@@ -187,6 +231,18 @@ class StudySpec:
         bootstrap: bootstrap replicates of every interval; confidence: their level.
         k: neighbourhood size of precision/recall.
         grid_size: samples per picture in the sample grids.
+        cache_active: token caching: the shares of tokens a cached call recomputes, each in
+            ``(0, 1]``; empty (default): no cached variants, the study as without caching.
+        cache_refresh: a full call every this many calls in every cached variant (default 4).
+        cache_select: the selections of the cached variants: ``"uncertainty"`` (the difficulty
+            head) and/or ``"random"`` (the control).
+        cache_samplers: the samplers given cached variants; ``None`` (default): those of
+            :attr:`samplers` among ``euler_pf`` and ``look_ahead``. Each (sampler, active, select)
+            is a :class:`CacheVariant`, sampled on the PFT arms only (SiT arms stay dense ``euler``)
+            from the same noise and labels as the dense cells.
+        sample_precision: the network's precision in every cell, ``"fp32"`` (default) or ``"bf16"``
+            (autocast, :func:`~patchforcing.sample`; ~2.8x faster sampling on a CPU with AVX-512 BF16,
+            with FDs equal to fp32's within their intervals, ``benchmarks/RESULTS.md``).
     """
 
     arms: list[Arm]
@@ -205,6 +261,11 @@ class StudySpec:
     confidence: float = 0.95
     k: int = 3
     grid_size: int = 16
+    cache_active: list[float] = field(default_factory=list)
+    cache_refresh: int = CACHE_REFRESH
+    cache_select: list[str] = field(default_factory=lambda: ["uncertainty"])
+    cache_samplers: list[str] | None = None
+    sample_precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if not self.arms:
@@ -239,6 +300,56 @@ class StudySpec:
         f = str(self.features).strip()
         if not (f == "classifier" or f == "inception" or (f.startswith("classifier:") and len(f) > len("classifier:"))):
             raise StudyError(f"features must be 'classifier', 'classifier:PATH' or 'inception', got {self.features!r}")
+        self._check_cache()
+        if self.sample_precision not in SAMPLING_PRECISIONS:
+            raise StudyError(
+                f"sample_precision (--sample-precision) must be one of {', '.join(SAMPLING_PRECISIONS)}, "
+                f"got {self.sample_precision!r}"
+            )
+
+    def _check_cache(self) -> None:
+        self.cache_active = list(self.cache_active)
+        for a in self.cache_active:
+            if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 < float(a) <= 1.0:
+                raise StudyError(
+                    f"cache_active (--cache-active): {a!r} is not a share of tokens; every share must be a number in (0, 1]"
+                )
+        self.cache_active = [float(a) for a in self.cache_active]
+        r = self.cache_refresh
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise StudyError(f"cache_refresh (--cache-refresh) must be a positive integer, got {r!r}")
+        self.cache_select = list(self.cache_select)
+        if not self.cache_select:
+            raise StudyError("cache_select (--cache-select) needs at least one selection (uncertainty, random)")
+        for sel in self.cache_select:
+            if sel not in SELECTIONS:
+                raise StudyError(
+                    f"cache_select (--cache-select): unknown selection {sel!r}; choose from {', '.join(SELECTIONS)}"
+                )
+        if not self.cache_active:
+            if self.cache_samplers:
+                raise StudyError("cache_samplers needs cache_active (the shares of tokens recomputed)")
+            return
+        if self.cache_samplers is None:
+            self.cache_samplers = [s for s in self.samplers if s in CACHE_SAMPLERS]
+            if not self.cache_samplers:
+                raise StudyError(
+                    f"token caching: none of {', '.join(CACHE_SAMPLERS)} is among the samplers "
+                    f"({', '.join(self.samplers)}); name the samplers to cache (--cache-samplers)"
+                )
+        self.cache_samplers = list(self.cache_samplers)
+        if not self.cache_samplers:
+            raise StudyError("cache_samplers is empty: name at least one sampler to cache")
+        for s in self.cache_samplers:
+            if s not in self.samplers:
+                raise StudyError(
+                    f"cache_samplers (--cache-samplers): {s!r} is not among the study's samplers ({', '.join(self.samplers)}); "
+                    "a cached variant is compared with the dense sampler, so add it to --samplers"
+                )
+        names = [v.name for v in self.cache_variants()]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise StudyError(f"cached variants listed twice: {', '.join(dup)} (check the active shares)")
 
     # ---- derived ----------------------------------------------------------------------------
 
@@ -249,6 +360,19 @@ class StudySpec:
     def samplers_for(self, arm: Arm) -> list[str]:
         """The samplers an arm is sampled with: ``euler`` for a SiT, :attr:`samplers` for a PFT."""
         return list(self.samplers) if arm.is_pft else ["euler"]
+
+    def cache_variants(self) -> list[CacheVariant]:
+        """Every cached variant: per cache sampler, per active share, per selection (in that order)."""
+        return [
+            CacheVariant(s, a, sel, self.cache_refresh)
+            for s in (self.cache_samplers or [])
+            for a in self.cache_active
+            for sel in self.cache_select
+        ]
+
+    def cache_variants_for(self, arm: Arm) -> list[CacheVariant]:
+        """The cached variants an arm is sampled with: all for a PFT, none for a SiT."""
+        return self.cache_variants() if arm.is_pft else []
 
     def samplers_of_any(self) -> list[str]:
         out: list[str] = []
@@ -272,6 +396,11 @@ class StudySpec:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["arms"] = [dataclasses.asdict(a) for a in self.arms]
+        if not self.cache_active:  # a study without caching keeps the record it always had
+            for k in ("cache_active", "cache_refresh", "cache_select", "cache_samplers"):
+                d.pop(k)
+        if self.sample_precision == "fp32":  # likewise for the default precision
+            d.pop("sample_precision")
         return d
 
 

@@ -1,0 +1,202 @@
+"""Study recipe search: FD_classifier against CPU minutes of training, for SiT and PFT alike.
+
+Each *recipe* is a set of dotted overrides of a base config (``emoji32`` by default: model size
+and patch, learning rate, batch, ...). For every recipe the script runs ``patchforcing study``
+itself (:func:`patchforcing.study.run_study`) with the SiT and PFT arms, one seed, the dense
+baseline samplers (``euler`` / ``euler_pf``) at one NFE budget, and extends the training through a
+list of step marks: each mark resumes the runs of the previous one (the trainer's exact resume;
+the schedule is warm-up then constant, so a run stopped at a mark equals a shorter run) and
+re-samples them. Every point is therefore an ordinary study cell: FD in the features of one
+classifier trained on the training split (the same classifier for every recipe, so the FDs are
+comparable), with the study's bootstrap interval, against the held-out images, next to the
+real-vs-real floor; its x coordinate is the run's measured training time.
+
+    python benchmarks/recipe_search.py --out studies/recipe --steps 300,700 \\
+        --recipe base: --recipe lr2e-3:optim.lr=2e-3 --recipe b32:optim.batch_size=32@600,1400
+    python benchmarks/recipe_search.py --out studies/recipe --report-only      # table + figure again
+
+Writes ``OUT/<recipe>/`` (one study folder per recipe, resumable), ``OUT/recipe_search.json``,
+``OUT/fd_vs_minutes.png`` and prints a Markdown table. Training times are wall-clock seconds of the
+trainer on this machine (the study records them per run), so compare recipes measured in one
+invocation on one machine; the header names the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from _common import markdown_header
+from inference_step import machine_info
+from patchforcing.study import StudySpec, parse_arms, parse_int_list, run_study
+from patchforcing.training.config import load_config
+from patchforcing.utils.io import read_json, write_json_atomic
+
+
+def parse_recipe(text: str) -> tuple[str, list[str], list[int] | None]:
+    """``"name:key=value,key=value[@steps,steps]"`` -> ``(name, [overrides], step marks or None)``
+    (``"name:"`` is the base config; without ``@`` the recipe uses ``--steps``)."""
+    name, sep, rest = text.partition(":")
+    if not sep or not name or any(c in name for c in "/\\ "):
+        raise argparse.ArgumentTypeError(f"--recipe {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...][@STEPS,...]")
+    rest, at, marks_text = rest.partition("@")
+    try:
+        marks = parse_int_list(marks_text, "--recipe steps") if at else None
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--recipe {text!r}: {e}") from None
+    overrides = [o for o in rest.split(",") if o]
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise argparse.ArgumentTypeError(f"--recipe {text!r}: {bad} are not KEY=VALUE")
+    return name, overrides, marks
+
+
+def points_of(study_json: dict, recipe: str) -> list[dict]:
+    """One point per (arm) of a finished study: steps, training minutes, FD with interval, floor."""
+    floor = study_json["floor"]["fd"]
+    out = []
+    for row in study_json["table"]:
+        run = next(r for r, v in study_json["runs"].items() if v["arm"] == row["arm"])
+        seconds = study_json["timing"]["runs"][run]["train_seconds"]
+        out.append(
+            {
+                "recipe": recipe,
+                "arm": row["arm"],
+                "model": study_json["runs"][run]["model"],
+                "sampler": row["sampler"],
+                "nfe": row["nfe"],
+                "steps": study_json["runs"][run]["steps"],
+                "train_minutes": seconds / 60.0,
+                "images_per_sec": study_json["timing"]["runs"][run]["images_per_sec"],
+                "fd": row["fd"],
+                "low": row["low"],
+                "high": row["high"],
+                "floor": floor,
+                "x_floor": row["fd"] / floor if floor > 0 else None,
+                "precision": row["precision"],
+                "recall": row["recall"],
+            }
+        )
+    return out
+
+
+def figure(points: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), constrained_layout=True)
+    keys = sorted({(p["recipe"], p["arm"]) for p in points})
+    colours = {r: f"C{i}" for i, r in enumerate(sorted({k[0] for k in keys}))}
+    for recipe, arm in keys:
+        ps = sorted((p for p in points if p["recipe"] == recipe and p["arm"] == arm), key=lambda p: p["steps"])
+        x = [p["train_minutes"] for p in ps]
+        y = [p["fd"] for p in ps]
+        err = [[p["fd"] - p["low"] for p in ps], [p["high"] - p["fd"] for p in ps]]
+        ax.errorbar(
+            x,
+            y,
+            yerr=err,
+            marker="o" if arm != "sit" else "s",
+            linestyle="-" if arm != "sit" else "--",
+            color=colours[recipe],
+            capsize=3,
+            label=f"{recipe} · {arm}",
+        )
+    floor = points[0]["floor"]
+    ax.axhline(floor, color="black", linestyle=":", label=f"real-vs-real floor ({floor:.3g})")
+    ax.axhline(5 * floor, color="grey", linestyle=":", label="5x the floor")
+    ax.set_yscale("log")
+    ax.set_xlabel("training wall-clock (minutes, this CPU)")
+    ax.set_ylabel("FD_classifier (log)")
+    ax.set_title("Recipe search: FD against training minutes (solid PFT, dashed SiT)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def markdown(points: list[dict]) -> str:
+    lines = [
+        "| recipe | arm | model | steps | train min | images/s | FD_classifier [95 %] | x floor | precision | recall |",
+        "|---|---|---|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for p in sorted(points, key=lambda p: (p["recipe"], p["arm"], p["steps"])):
+        ips = f"{p['images_per_sec']:.0f}" if p["images_per_sec"] else "-"
+        lines.append(
+            f"| {p['recipe']} | {p['arm']} | {p['model']} | {p['steps']} | {p['train_minutes']:.1f} | {ips} | "
+            f"{p['fd']:.3f} [{p['low']:.3f}, {p['high']:.3f}] | {p['x_floor']:.1f}x | "
+            f"{p['precision']:.2f} | {p['recall']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--config", default="emoji32", help="base preset or YAML (default emoji32)")
+    ap.add_argument("--recipe", action="append", type=parse_recipe, help="NAME:KEY=VALUE,...[@STEPS,...] (repeatable)")
+    ap.add_argument("--steps", default="300,700", help="comma-separated step marks (each resumes the last)")
+    ap.add_argument("--arms", default="sit,pft")
+    ap.add_argument("--nfe", type=int, default=20)
+    ap.add_argument("--num-samples", type=int, default=512)
+    ap.add_argument("--classifier-epochs", type=int, default=30)
+    ap.add_argument("--bootstrap", type=int, default=300)
+    ap.add_argument("--out", type=Path, default=Path("studies/recipe"))
+    ap.add_argument("--report-only", action="store_true", help="only collect the finished points, table and figure")
+    args = ap.parse_args(argv)
+    recipes = args.recipe or [("base", [], None)]
+    marks = parse_int_list(args.steps, "--steps")
+    arms = parse_arms(args.arms)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / "recipe_search.json"
+    points: list[dict] = read_json(results_path)["points"] if results_path.is_file() else []
+    if not args.report_only:
+        shared_clf = args.out / "classifier.pt"
+        for name, overrides, own_marks in recipes:
+            folder = args.out / name
+            for steps in own_marks or marks:
+                if any(p["recipe"] == name and p["steps"] == steps for p in points):
+                    continue
+                folder.mkdir(parents=True, exist_ok=True)
+                if shared_clf.is_file() and not (folder / "classifier.pt").is_file():
+                    shutil.copy2(shared_clf, folder / "classifier.pt")  # one classifier: comparable FDs
+                base = load_config(args.config, [*overrides, f"train.max_steps={steps}", "train.progress=false"])
+                spec = StudySpec(
+                    arms=arms,
+                    seeds=1,
+                    nfe=[args.nfe],
+                    samplers=["euler_pf"],
+                    num_samples=args.num_samples,
+                    classifier_epochs=args.classifier_epochs,
+                    bootstrap=args.bootstrap,
+                )
+                print(f"== recipe {name} ({' '.join(overrides) or 'base'}), {steps} steps", flush=True)
+                run_study(base, spec, folder, progress=False)
+                if not shared_clf.is_file():
+                    shutil.copy2(folder / "classifier.pt", shared_clf)
+                new = points_of(json.loads((folder / "study.json").read_text()), name)
+                for p in new:
+                    p["overrides"] = overrides
+                points = [p for p in points if not (p["recipe"] == name and p["steps"] == steps)] + new
+                write_json_atomic(results_path, {"points": points})
+    if not points:
+        print("no finished points yet", file=sys.stderr)
+        return 1
+    figure(points, args.out / "fd_vs_minutes.png")
+    cmd = "python benchmarks/recipe_search.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    header = markdown_header(
+        "Study recipe search: FD against training minutes (issue 12)", cmd, machine_info(torch.device("cpu"))
+    )
+    print("\n".join(header))
+    print(markdown(points))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
