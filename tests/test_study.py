@@ -40,7 +40,7 @@ from patchforcing.study import (
     parse_arms,
     run_study,
 )
-from patchforcing.study.compare import pareto_front
+from patchforcing.study.compare import _cache_notes, _vs_dense_curve, dense_curve_weights, pareto_front
 from patchforcing.study.evaluate import FrechetTo, fd
 from patchforcing.study.report import write_flops_figure, write_report
 from patchforcing.training.config import apply_overrides, load_config
@@ -536,6 +536,71 @@ def test_pareto_front_known_points_and_ties():
     ]
     assert pareto_front(pts) == [True, True, True, False, False, True, False, None, None]
     assert pareto_front([]) == [] and pareto_front([(1.0, 1.0)]) == [True]
+
+
+def test_dense_curve_weights_interpolate_in_log_flops_and_never_extrapolate():
+    """Catches linear instead of log-linear weights, a weight on the wrong neighbour, a match missed, or
+    extrapolation past the curve's ends."""
+    costs = [4.0, 1.0, 2.0]  # NFE 40, 10, 20 in any order
+    i, j, w = dense_curve_weights(3.0, costs)
+    assert (i, j) == (2, 0) and w == pytest.approx(math.log(1.5) / math.log(2.0))
+    assert dense_curve_weights(1.0, costs) == (1, 1, 0.0) and dense_curve_weights(4.0, costs) == (0, 0, 0.0)
+    assert dense_curve_weights(0.5, costs) is None and dense_curve_weights(4.5, costs) is None
+    assert dense_curve_weights(1.0, []) is None
+
+
+def test_cached_cell_against_the_dense_curve_is_paired_and_exact():
+    """A cached cell at the log-midpoint of two dense cells is compared with their mean, seed by seed and
+    replicate by replicate. Catches an unpaired difference (replicates not interpolated alike), a wrong
+    sign, or the curve of another sampler."""
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=200)
+
+    def cell(fd, shift):
+        return {"fd": fd, "replicates": fd + shift * noise}
+
+    dense = [
+        ({"variant": "euler_pf", "gflops_per_image": 2.0, "nfe_budget": 10}, [cell(4.0, 0.3)]),
+        ({"variant": "euler_pf", "gflops_per_image": 8.0, "nfe_budget": 40}, [cell(2.0, 0.1)]),
+        ({"variant": "look_ahead", "gflops_per_image": 1.0, "nfe_budget": 10}, [cell(0.1, 0.0)]),
+    ]
+    row = {"sampler": "euler_pf", "gflops_per_image": 4.0}  # log-midpoint of 2 and 8: weight 1/2
+    cached = [cell(2.5, 0.2)]  # replicates move with the same noise: the paired interval is exact
+    d = _vs_dense_curve(row, cached, dense, True, 0.95)
+    assert d["weight"] == pytest.approx(0.5) and d["curve_fd"] == pytest.approx(3.0)
+    assert d["estimate"] == pytest.approx(-0.5) and d["low"] == pytest.approx(-0.5) == pytest.approx(d["high"])
+    assert d["significant"] and d["baseline"] == "euler_pf between 10 and 40 NFE"
+    assert _vs_dense_curve({"sampler": "euler_pf", "gflops_per_image": 9.0}, cached, dense, True, 0.95) is None
+
+
+@pytest.mark.parametrize("corrected", [False, True])
+def test_equal_flop_verdict_needs_a_gain_that_survives_the_correction(corrected):
+    """The recommendation sentence: one uncorrected gain among many comparisons is not a win. Catches a
+    verdict from uncorrected marks, or a flipped sign (a significant loss read as a gain)."""
+    spec = _spec(cache_active=[0.5])
+
+    def row(nfe, est, sig, strict):
+        d = {"estimate": est, "low": est - 0.05, "high": est + 0.05, "significant": sig}
+        d["significant_corrected"] = strict
+        return {
+            "arm": "pft",
+            "variant": "euler_pf+cache0.5",
+            "nfe_budget": nfe,
+            "cached": True,
+            "partial": True,
+            "pareto": False,
+            "vs_best_cheaper_dense": None,
+            "vs_dense_curve": d,
+        }
+
+    rows = [row(10, -0.2, True, corrected), row(20, +0.3, True, True), row(40, -0.01, False, False)]
+    notes = " ".join(_cache_notes(spec, rows, []))
+    assert "1 of 3 cached cells have a significantly lower FD, 1 a significantly higher" in notes
+    if corrected:
+        assert "1 stay significant after a Bonferroni correction" in notes and "@ 10 NFE" in notes
+        assert "better at equal FLOPs here" in notes and "stay the default" not in notes
+    else:
+        assert "none stays significant" in notes and "the dense samplers stay the default" in notes
 
 
 def test_study_without_cache_flags_keeps_its_record(finished_study):

@@ -32,8 +32,10 @@ GFLOP per image, and
 
 * the cached cell minus the dense cell of the same sampler at the same NFE (paired bootstrap:
   same noise and labels);
-* the cached cell minus the best (lowest-FD) dense cell of no more GFLOP per image, the question
-  "is caching better at equal FLOPs";
+* the cached cell minus the best (lowest-FD) dense cell of no more GFLOP per image;
+* the cached cell minus its dense sampler's curve at the same GFLOP per image (log-linear
+  interpolation in FLOPs between the neighbouring NFE budgets, per seed and per replicate): the
+  question "is caching better at equal FLOPs" (:func:`dense_curve_weights`);
 * uncertainty minus random selection at the same sampler, share and NFE;
 * the Pareto front of (GFLOP per image, FD) over the arm's cells (:func:`pareto_front`).
 """
@@ -54,6 +56,7 @@ __all__ = [
     "summarize",
     "cell_name",
     "pareto_front",
+    "dense_curve_weights",
     "SAMPLER_TEST",
     "SAMPLER_TEST_SEEDS",
     "ARM_TEST_SEEDS",
@@ -286,6 +289,7 @@ def _cache_summary(
     one_seed = len(seeds) == 1
     rows: list[dict[str, Any]] = []
     selection: list[dict[str, Any]] = []
+    curve_jobs: list[tuple[dict[str, Any], list, list]] = []  # (row, its cells, the arm's dense cells)
     for arm in spec.arms:
         if not arm.is_pft:
             continue
@@ -347,6 +351,11 @@ def _cache_summary(
                 "significant": div.excludes_zero,
                 "test": _test(one_seed),
             }
+        for r, cs in zip(arm_rows, pooled):
+            if r["cached"]:
+                r["vs_dense_curve"] = _vs_dense_curve(r, cs, dense, one_seed, conf)
+                if r["vs_dense_curve"] is not None and r["partial"]:
+                    curve_jobs.append((r, cs, dense))
         rows += arm_rows
         for v in spec.cache_variants_for(arm):
             if v.select != "random":
@@ -384,11 +393,59 @@ def _cache_summary(
                         "test": _test(one_seed),
                     }
                 )
+    # the equal-FLOP verdict is a family of comparisons: also test each at the Bonferroni level
+    corrected = 1 - (1 - conf) / max(len(curve_jobs), 1)
+    for r, cs, dense in curve_jobs:
+        strict = _vs_dense_curve(r, cs, dense, one_seed, corrected)
+        r["vs_dense_curve"]["significant_corrected"] = strict["significant"]
+        r["vs_dense_curve"]["corrected_confidence"] = corrected
     return {
         "refresh_every": spec.cache_refresh,
         "rows": rows,
         "selection": selection,
         "notes": _cache_notes(spec, rows, selection),
+    }
+
+
+def dense_curve_weights(g: float, costs: Sequence[float]) -> tuple[int, int, float] | None:
+    """Where cost ``g`` falls on a dense sampler's curve of ``costs`` (GFLOP per image of its NFE
+    budgets): ``(i, j, w)`` with ``costs[i] <= g <= costs[j]`` the nearest neighbours and ``w`` the
+    log-linear weight of ``j`` (``w = ln(g / costs[i]) / ln(costs[j] / costs[i])``; ``i == j``,
+    ``w = 0`` at an exact match). ``None`` when ``g`` lies outside the curve (no extrapolation)."""
+    order = sorted(range(len(costs)), key=lambda k: costs[k])
+    for a, b in zip(order, order[1:] + order[-1:]):
+        if costs[a] == g:
+            return a, a, 0.0
+        if costs[a] < g < costs[b]:
+            return a, b, math.log(g / costs[a]) / math.log(costs[b] / costs[a])
+    return None
+
+
+def _vs_dense_curve(r, cs, dense, one_seed: bool, conf: float) -> dict[str, Any] | None:
+    """The cached cell minus its dense sampler's curve at the same GFLOP per image, the curve
+    interpolated log-linearly in FLOPs between the two neighbouring NFE budgets, per seed and per
+    bootstrap replicate (the replicates share their draws, so the difference stays paired)."""
+    if r["gflops_per_image"] is None:
+        return None
+    same = [(d, dcs) for d, dcs in dense if d["variant"] == r["sampler"]]
+    where = dense_curve_weights(r["gflops_per_image"], [d["gflops_per_image"] for d, _ in same])
+    if where is None:
+        return None
+    i, j, w = where
+    (di, ics), (dj, jcs) = same[i], same[j]
+    curve = [
+        {"fd": (1 - w) * a["fd"] + w * b["fd"], "replicates": (1 - w) * a["replicates"] + w * b["replicates"]}
+        for a, b in zip(ics, jcs)
+    ]
+    div = _difference(cs, curve, conf)
+    between = f"{di['nfe_budget']} NFE" if i == j else f"{di['nfe_budget']} and {dj['nfe_budget']} NFE"
+    return {
+        "baseline": f"{r['sampler']} between {between}" if i != j else f"{r['sampler']} @ {between}",
+        "weight": w,
+        "curve_fd": float(np.mean([c["fd"] for c in curve])),
+        **_iv(div),
+        "significant": div.excludes_zero,
+        "test": _test(one_seed),
     }
 
 
@@ -434,16 +491,42 @@ def _cache_notes(spec: StudySpec, rows: list[dict[str, Any]], selection: list[di
         if better:
             b = min(better, key=lambda r: r["vs_best_cheaper_dense"]["estimate"])
             d = b["vs_best_cheaper_dense"]
+            s += f"; the largest gain: {_at(b)} vs {d['baseline']}, ΔFD {d['estimate']:+.4g} [{d['low']:.4g}, {d['high']:.4g}]"
+        notes.append(
+            s + ". This comparison gives the cached cell more FLOPs than its dense baseline whenever the NFE grid is "
+            "coarse; the equal-FLOP verdict is the next one."
+        )
+    curve = [r for r in cached if r.get("vs_dense_curve")]
+    if curve:
+        d_of = [r["vs_dense_curve"] for r in curve]
+        lo = [r for r, d in zip(curve, d_of) if d["significant"] and d["estimate"] < 0]
+        hi = [r for r, d in zip(curve, d_of) if d["significant"] and d["estimate"] > 0]
+        strict = [r for r, d in zip(curve, d_of) if d.get("significant_corrected") and d["estimate"] < 0]
+        s = (
+            f"At equal FLOPs (each cached cell against its dense sampler's curve at the same GFLOP per image, "
+            f"interpolated log-linearly in FLOPs between the neighbouring NFE budgets; paired): {len(lo)} of "
+            f"{len(curve)} cached cells have a significantly lower FD, {len(hi)} a significantly higher one ({conf}, "
+            f"uncorrected; about {(1 - spec.confidence) * len(curve):.1f} false marks expected by chance)"
+        )
+        if strict:
+            b = min(strict, key=lambda r: r["vs_dense_curve"]["estimate"])
+            d = b["vs_dense_curve"]
             s += (
-                f"; the largest gain: {_at(b)} vs {d['baseline']}, ΔFD {d['estimate']:+.4g} "
-                f"[{d['low']:.4g}, {d['high']:.4g}]. By this comparison a cached setting is better at equal FLOPs here "
-                "(one study, marks not corrected for multiplicity)."
+                f"; {len(strict)} stay significant after a Bonferroni correction over these {len(curve)} comparisons, "
+                f"the largest gain {_at(b)}, ΔFD {d['estimate']:+.4g} [{d['low']:.4g}, {d['high']:.4g}]. By this "
+                "comparison a cached setting is better at equal FLOPs here (one study)."
             )
         else:
-            s += ". No cached setting is shown to be better at equal FLOPs: the dense samplers stay the default."
+            s += (
+                f"; none stays significant after a Bonferroni correction over these {len(curve)} comparisons. No cached "
+                "setting is shown to be better at equal FLOPs: the dense samplers stay the default."
+            )
         notes.append(s)
     else:
-        notes.append("No dense cell costs as little as a cached one, so caching is not compared at equal FLOPs.")
+        notes.append(
+            "No cached cell's cost lies within its dense sampler's range of costs, so caching is not compared at "
+            "equal FLOPs (add NFE budgets)."
+        )
     if selection:
         lo = [c for c in selection if c["significant"] and c["estimate"] < 0]
         hi = [c for c in selection if c["significant"] and c["estimate"] > 0]
@@ -453,9 +536,9 @@ def _cache_notes(spec: StudySpec, rows: list[dict[str, Any]], selection: list[di
             f"comparisons significantly lower FD with the difficulty head, {len(hi)} significantly higher "
             f"(mean ΔFD {mean:+.4g})."
         )
-    n = len(tested) + len(selection) + len(cached)
+    n = len(tested) + len(curve) + len(selection) + len(cached)
     notes.append(
-        f"{n} cache comparisons at {conf} (vs the dense same sampler, vs the best cheaper dense cell, uncertainty vs "
-        f"random), not corrected for multiplicity: about {(1 - spec.confidence) * n:.1f} false marks are expected by chance."
+        f"{n} cache comparisons at {conf} (vs the dense same sampler, vs the best cheaper dense cell, vs the dense "
+        f"curve at equal FLOPs, uncertainty vs random), not corrected for multiplicity: about {(1 - spec.confidence) * n:.1f} false marks are expected by chance."
     )
     return notes

@@ -248,6 +248,29 @@ def _cache_section(s: dict[str, Any], metric: str, conf: str) -> list[str]:
                 f"{'yes' if d['significant'] else 'no'} |"
             )
         lines.append("")
+    curve = [r for r in c["rows"] if r.get("vs_dense_curve")]
+    if curve:
+        lines += [
+            "### Cached cells against their dense sampler at equal FLOPs",
+            "",
+            "The dense sampler's FD at the cached cell's GFLOP per image, interpolated log-linearly in FLOPs between "
+            "its two neighbouring NFE budgets (per seed and per bootstrap replicate, so the difference stays paired); "
+            "cells outside the dense range are not compared. Corrected: significant at the Bonferroni level over "
+            "the comparisons of this table (cells whose calls were all full excluded).",
+            "",
+            f"| arm | cell | NFE | GFLOP / image | dense curve | its {metric} there | Δ{metric} | {conf} interval | "
+            "significant | corrected |",
+            "|---|---|---:|---:|---|---:|---:|---|---|---|",
+        ]
+        for r in curve:
+            d = r["vs_dense_curve"]
+            strict = d.get("significant_corrected")
+            lines.append(
+                f"| {r['arm']} | {r['variant']} | {r['nfe_budget']} | {_num(r['gflops_per_image'])} | {d['baseline']} | "
+                f"{_num(d['curve_fd'])} | {d['estimate']:+.4g} | {_ci(d['low'], d['high'])} | "
+                f"{'yes' if d['significant'] else 'no'} | {'-' if strict is None else ('yes' if strict else 'no')} |"
+            )
+        lines.append("")
     if c["selection"]:
         lines += [
             "### Uncertainty against random selection (same sampler, share and NFE)",
