@@ -61,7 +61,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--sample-precision",
         choices=SAMPLING_PRECISIONS,
         default="fp32",
-        help="the network's precision when sampling: fp32 (default) or bf16 autocast (~2.8x faster on a CPU with "
+        help="the network's precision when sampling: fp32 (default) or bf16 autocast (~2x faster on a CPU with "
         "AVX-512 BF16; same for every cell)",
     )
     p.add_argument(

@@ -241,7 +241,7 @@ class StudySpec:
             is a :class:`CacheVariant`, sampled on the PFT arms only (SiT arms stay dense ``euler``)
             from the same noise and labels as the dense cells.
         sample_precision: the network's precision in every cell, ``"fp32"`` (default) or ``"bf16"``
-            (autocast, :func:`~patchforcing.sample`; ~2.8x faster sampling on a CPU with AVX-512 BF16,
+            (autocast, :func:`~patchforcing.sample`; ~2x faster sampling on a CPU with AVX-512 BF16,
             with FDs equal to fp32's within their intervals, ``benchmarks/RESULTS.md``).
     """
 
