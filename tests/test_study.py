@@ -242,10 +242,10 @@ TOY = [
 
 
 def _spec(**kw):
+    kw.setdefault("samplers", ["euler_pf", "look_ahead", "random_context"])
     return StudySpec(
         arms=parse_arms("sit,pft"),
         nfe=[4],
-        samplers=["euler_pf", "look_ahead", "random_context"],
         num_samples=24,
         batch_size=24,
         classifier_epochs=1,
@@ -380,19 +380,7 @@ _DENSE_CELL_KEYS = {
 
 
 def _cache_spec():
-    return StudySpec(
-        arms=parse_arms("sit,pft"),
-        nfe=[4],
-        samplers=["euler_pf", "look_ahead"],
-        num_samples=24,
-        batch_size=24,
-        classifier_epochs=1,
-        classifier_width=8,
-        bootstrap=30,
-        grid_size=4,
-        cache_active=[1.0, 0.5],
-        cache_select=["uncertainty", "random"],
-    )
+    return _spec(samplers=["euler_pf", "look_ahead"], cache_active=[1.0, 0.5], cache_select=["uncertainty", "random"])
 
 
 @pytest.fixture(scope="module")

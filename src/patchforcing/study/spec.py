@@ -155,13 +155,19 @@ def parse_arms(text: str | Sequence[str]) -> list[Arm]:
     return arms
 
 
-def parse_int_list(text: str | Sequence[int], what: str) -> list[int]:
-    """``"10,20,40"`` -> ``[10, 20, 40]`` (positive, distinct, kept in increasing order)."""
+def _parse_numbers(text: str | Sequence[Any], what: str, kind: type, example: str) -> list[Any]:
+    """The comma-separated ``kind`` values of ``text`` (a string or a sequence), in the order given."""
     names = parse_name_list(text if isinstance(text, str) else [str(v) for v in text], what)
     try:
-        values = [int(v) for v in names]
+        return [kind(v) for v in names]
     except ValueError:
-        raise StudyError(f"{what} {text!r}: give comma-separated positive integers, e.g. 10,20,40") from None
+        noun = "positive integers" if kind is int else "numbers"
+        raise StudyError(f"{what} {text!r}: give comma-separated {noun}, e.g. {example}") from None
+
+
+def parse_int_list(text: str | Sequence[int], what: str) -> list[int]:
+    """``"10,20,40"`` -> ``[10, 20, 40]`` (positive, distinct, kept in increasing order)."""
+    values = _parse_numbers(text, what, int, "10,20,40")
     if any(v < 1 for v in values):
         raise StudyError(f"{what} {text!r}: every value must be >= 1")
     return sorted(values)
@@ -169,12 +175,7 @@ def parse_int_list(text: str | Sequence[int], what: str) -> list[int]:
 
 def parse_float_list(text: str | Sequence[float], what: str) -> list[float]:
     """``"0.5,0.25"`` -> ``[0.5, 0.25]`` (numbers, in the order given; ranges are checked by the user)."""
-    names = parse_name_list(text if isinstance(text, str) else [str(v) for v in text], what)
-    try:
-        values = [float(v) for v in names]
-    except ValueError:
-        raise StudyError(f"{what} {text!r}: give comma-separated numbers, e.g. 0.5,0.25") from None
-    return values
+    return _parse_numbers(text, what, float, "0.5,0.25")
 
 
 @dataclass(frozen=True)
