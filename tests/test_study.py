@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import shutil
 
 import numpy as np
@@ -42,7 +43,7 @@ from patchforcing.study import (
 )
 from patchforcing.study.compare import _cache_notes, _vs_dense_curve, dense_curve_weights, pareto_front
 from patchforcing.study.evaluate import FrechetTo, fd
-from patchforcing.study.report import write_flops_figure, write_report
+from patchforcing.study.report import check_commands, write_flops_figure, write_report
 from patchforcing.training.config import apply_overrides, load_config
 from patchforcing.utils import RunLock, RunLockedError
 
@@ -297,6 +298,42 @@ def test_toy_study_end_to_end(finished_study):
     md = (out / "study.md").read_text()
     assert "| sit | euler |" in md and "| pft | random_context |" in md and "real-vs-real floor" in md.lower()
     assert "not tested (1 seed)" in md
+
+
+def test_cells_check_out_with_the_ordinary_commands(finished_study, tmp_path, monkeypatch):
+    """The independent check ``study.md`` prints: ``patchforcing eval`` of a cell against
+    ``real/reference.npz`` gives the table's FD, and ``patchforcing sample`` of the run with
+    ``real/labels.txt`` remakes the cell's images exactly. Catches a reference file that is not the
+    study's reference (e.g. the floor), labels written off by one or cycled wrongly, a study that
+    samples or scores differently from the CLI, and a printed command that does not run."""
+    study = tmp_path / "study"
+    shutil.copytree(finished_study, study)
+    monkeypatch.chdir(study)
+    s = json.loads((study / "study.json").read_text())
+    md = (study / "study.md").read_text()
+    checks = check_commands(s)
+    assert [c["cell"] for c in checks] == ["samples/sit-s0/euler-nfe4.npz", "samples/pft-s0/euler_pf-nfe4.npz"]
+    labels = (study / "real" / "labels.txt").read_text().strip()
+    assert "## Check a cell outside the study" in md
+
+    def run(command, name):
+        assert command in md
+        argv = shlex.split(command.replace('"$(cat real/labels.txt)"', labels))
+        assert argv[0] == "patchforcing"
+        assert main(argv[1:] + (["--out", name] if argv[1] == "eval" else [])) == 0
+        return json.loads((study / name).read_text()) if argv[1] == "eval" else None
+
+    for i, c in enumerate(checks):
+        assert run(c["eval"], f"e{i}.json")["metrics"]["FD_classifier"] == pytest.approx(c["fd"], rel=1e-5, abs=1e-6)
+        run(c["sample"], None)
+        with np.load(c["cell"]) as a, np.load(c["out"]) as b:
+            assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
+        assert run(c["eval_sample"], f"s{i}.json")["metrics"]["FD_classifier"] == pytest.approx(
+            c["fd"], rel=1e-5, abs=1e-6
+        )
+    with np.load(study / "real" / "floor.npz") as z:
+        assert z["arr_0"].shape == (24, 16, 16, 3)
+        assert ",".join(map(str, z["labels"])) == labels  # the floor has the samples' labels
 
 
 def test_interrupted_study_resumes_skipping_finished_runs(finished_study, tmp_path, monkeypatch):

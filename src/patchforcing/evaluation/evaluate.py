@@ -16,7 +16,6 @@ and ``recall_classifier``; they are only comparable with numbers from the same c
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..utils.io import atomic_write
+from ..utils.io import save_npz_atomic
 from .features import FeatureExtractor, build_feature_extractor
 from .frechet import feature_statistics, frechet_distance
 from .metrics import inception_score, precision_recall
@@ -131,13 +130,7 @@ def _load_cache(path: Path, meta: dict[str, Any]) -> dict[str, np.ndarray] | Non
 
 
 def _save_cache(path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-    def write(tmp: str) -> None:
-        buf = io.BytesIO()
-        np.savez(buf, meta=np.array(json.dumps(meta)), **arrays)
-        with open(tmp, "wb") as f:
-            f.write(buf.getbuffer())
-
-    atomic_write(path, write)
+    save_npz_atomic(path, meta=np.array(json.dumps(meta)), **arrays)
 
 
 def _reference_arrays(

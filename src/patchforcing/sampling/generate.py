@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from ..conditioning import TextEmbeddings, condition_kind
 from ..utils.images import to_uint8
-from ..utils.io import atomic_write, clean_temp_files, read_json, write_json_atomic
+from ..utils.io import atomic_write, clean_temp_files, read_json, save_npz_atomic, write_json_atomic
 from ..utils.seeding import indexed_randn, item_hash
 from .api import SampleResult, _check_count, accepts_any_size, check_precision, sample
 from .cache import TokenCache
@@ -578,14 +578,6 @@ def _shard_done(path: Path, lo: int, hi: int, text: bool = False) -> bool:
         return False
 
 
-def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-    atomic_write(path, write)
-
-
 def generate(
     model: nn.Module,
     spec: GenerationSpec,
@@ -668,7 +660,7 @@ def generate(
         if text:
             pid = np.concatenate(prompt_ids).astype(np.int64)
             extra = {"prompt_index": pid, "captions": np.array([spec.prompts[k] for k in pid.tolist()], dtype=str)}
-        _save_npz_atomic(
+        save_npz_atomic(
             _shard_path(parts, j),
             arr_0=np.concatenate(images),
             labels=np.concatenate(labels).astype(np.int64),

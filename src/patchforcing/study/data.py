@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,9 +29,18 @@ from ..autoencoders import load_autoencoder
 from ..training.config import ExperimentConfig, apply_overrides
 from ..training.trainer import build_data, split_train_val
 from ..utils.images import to_uint8
+from ..utils.io import atomic_write, save_npz_atomic
 from .spec import StudyError
 
-__all__ = ["RealSets", "real_sets", "check_held_out", "data_identity", "LabelledView", "MAX_LABELS"]
+__all__ = [
+    "RealSets",
+    "real_sets",
+    "write_real_sets",
+    "check_held_out",
+    "data_identity",
+    "LabelledView",
+    "MAX_LABELS",
+]
 
 #: at most this many training labels are listed (sample i takes label ``i % MAX_LABELS``)
 MAX_LABELS = 10_000
@@ -170,3 +180,41 @@ def real_sets(cfg: ExperimentConfig, num_samples: int, seed: int = 0, device: to
 def data_identity(cfg: ExperimentConfig) -> dict[str, Any]:
     """What the real images depend on (for caches): the data section."""
     return dataclasses.asdict(cfg.data) | {"num_workers": None}
+
+
+def write_real_sets(directory: str | Path, real: RealSets, num_samples: int) -> dict[str, Path]:
+    """The study's real images as files, so that any cell can be checked outside the study:
+
+    * ``reference.npz``: the held-out images (``arr_0``, uint8 NHWC), the ``--ref`` of
+      ``patchforcing eval`` that reproduces the study's FDs;
+    * ``floor.npz``: the floor's training images (``arr_0``) with their labels (``labels``);
+    * ``labels.txt``: the labels of samples ``0 .. num_samples - 1``, comma-separated on one line,
+      the ``--classes`` of ``patchforcing sample`` that gives every sample its study label.
+
+    Files are written atomically and only when their content changed (a resumed study keeps them).
+    Returns the paths by name (``"reference"``, ``"floor"``, ``"labels"``)."""
+    directory = Path(directory)
+    labels = [real.classes[i % len(real.classes)] for i in range(int(num_samples))]
+    paths = {
+        "reference": directory / "reference.npz",
+        "floor": directory / "floor.npz",
+        "labels": directory / "labels.txt",
+    }
+    arrays = {
+        "reference": {"arr_0": real.reference},
+        "floor": {"arr_0": real.floor, "labels": np.asarray(labels[: len(real.floor)], dtype=np.int64)},
+    }
+    for name, want in arrays.items():
+        path = paths[name]
+        if path.is_file():
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    if set(z.files) == set(want) and all(np.array_equal(z[k], v) for k, v in want.items()):
+                        continue
+            except (OSError, ValueError):
+                pass
+        save_npz_atomic(path, **want)
+    text = ",".join(map(str, labels)) + "\n"
+    if not (paths["labels"].is_file() and paths["labels"].read_text() == text):
+        atomic_write(paths["labels"], lambda tmp: Path(tmp).write_text(text))
+    return paths

@@ -10,7 +10,6 @@ paired resample, and the replicates of a difference are the differences of the r
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
@@ -30,7 +29,7 @@ from ..evaluation import (
     open_images,
     precision_recall,
 )
-from ..utils.io import atomic_write
+from ..utils.io import save_npz_atomic
 
 __all__ = ["FrechetTo", "cached_features", "make_extractor", "image_features", "bootstrap_fd", "fd", "pr"]
 
@@ -60,14 +59,7 @@ def cached_features(path: Path, meta: Mapping[str, Any], compute: Callable[[], n
         except (OSError, ValueError, KeyError):
             pass
     feats = compute()
-
-    def write(tmp: str) -> None:
-        buf = io.BytesIO()
-        np.savez(buf, meta=np.array(want), features=feats)
-        with open(tmp, "wb") as f:
-            f.write(buf.getbuffer())
-
-    atomic_write(path, write)
+    save_npz_atomic(path, meta=np.array(want), features=feats)
     return feats
 
 

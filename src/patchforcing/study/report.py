@@ -10,9 +10,17 @@ import numpy as np
 from ..viz import COLORS, Series, line_chart, sampler_comparison
 from ..viz.style import render, resolve, rgb01, save
 from .compare import cell_name
-from .spec import StudySpec
+from .spec import FAMILIES, StudySpec
 
-__all__ = ["write_report", "write_figures", "write_flops_figure", "metric_name", "SAMPLER_MARK", "ARM_MARK"]
+__all__ = [
+    "write_report",
+    "write_figures",
+    "write_flops_figure",
+    "metric_name",
+    "check_commands",
+    "SAMPLER_MARK",
+    "ARM_MARK",
+]
 
 SAMPLER_MARK = "†"
 ARM_MARK = "*"
@@ -172,6 +180,7 @@ def write_report(out: Path, s: dict[str, Any]) -> Path:
             f"| {rid} | {r['model']} | {r['timestep_sampler']} | {r['steps']} | "
             f"{_num(secs / 60 if secs else None, 3)} | {_num(ips, 3)} | {_num(float(np.mean(vl)) if vl else None)} |"
         )
+    lines += _check_section(s, metric)
     lines += ["", "## What this shows, and what it does not", ""]
     lines += [f"- {n}" for n in s["notes"]]
     lines += [
@@ -193,6 +202,101 @@ def write_report(out: Path, s: dict[str, Any]) -> Path:
     path = out / "study.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+#: the sampler options ``patchforcing sample`` takes, by flag
+_OPTION_FLAGS = {
+    "quantile": "--quantile",
+    "n_inner": "--n-inner",
+    "context_ratio": "--context-ratio",
+    "early_t": "--early-t",
+}
+
+
+def _features_flags(spec: dict[str, Any]) -> str:
+    features = spec["features"]
+    if features == "classifier":
+        return "--features classifier:classifier.pt"
+    if features == "inception" and spec.get("inception_weights"):
+        return f"--features inception --inception-weights {spec['inception_weights']}"
+    return f"--features {features}"
+
+
+def check_commands(s: dict[str, Any]) -> list[dict[str, Any]]:
+    """Commands that check cells of a study outside it, run from the study folder: for the first run
+    of the baseline arm and of the first PFT arm, the reference sampler at the first NFE budget.
+
+    Each entry: ``cell`` (the scored ``.npz``, relative to the study folder), ``fd`` (its value in the
+    table), ``eval`` (``patchforcing eval`` of that file against ``real/reference.npz`` in the study's
+    features: gives ``fd``), ``sample`` (``patchforcing sample`` of the run's checkpoint with the cell's
+    sampler, NFE, seed, count, batch, precision, sampler options and the study's labels
+    ``real/labels.txt``: remakes the file, ``out`` its path) and ``eval_sample`` (the same score of the
+    remade file). Token-cached cells are not listed (their commands take the ``--cache-*`` flags)."""
+    spec = s["spec"]
+    nfe = spec["nfe"][0]
+    dense = [c for c in s["cells"] if "variant" not in c and c["nfe_budget"] == nfe]
+    pft = [a["name"] for a in spec["arms"] if FAMILIES[a["family"]][1]]
+    other = [a["name"] for a in spec["arms"] if not FAMILIES[a["family"]][1]]
+    wanted = (other[:1] + pft[:1]) or [spec["arms"][0]["name"]]
+    feats = _features_flags(spec)
+    out: list[dict[str, Any]] = []
+    for arm in wanted:
+        cs = sorted((c for c in dense if c["arm"] == arm), key=lambda c: (c["seed"], c["sampler"] != "euler_pf"))
+        if not cs:
+            continue
+        c = cs[0]
+        check = f"check/{c['run']}-{c['sampler']}-nfe{nfe}.npz"
+        opts = "".join(
+            f" {_OPTION_FLAGS[k]} {v}" for k, v in sorted((c.get("options") or {}).items()) if k in _OPTION_FLAGS
+        )
+        precision = spec.get("sample_precision", "fp32")
+        sample = (
+            f"patchforcing sample runs/{c['run']} --sampler {c['sampler']} --nfe {nfe}{opts} "
+            f"--num-samples {spec['num_samples']} --batch-size {spec['batch_size']} --seed {spec['sample_seed']}"
+            + (f" --precision {precision}" if precision != "fp32" else "")
+            + f' --classes "$(cat real/labels.txt)" --out {check}'
+        )
+        ev = "patchforcing eval {} --ref real/reference.npz " + feats + " --metrics fid"
+        out.append(
+            {
+                "cell": c["path"],
+                "fd": c["fd"],
+                "eval": ev.format(c["path"]),
+                "sample": sample,
+                "out": check,
+                "eval_sample": ev.format(check),
+            }
+        )
+    return out
+
+
+def _check_section(s: dict[str, Any], metric: str) -> list[str]:
+    """The "Check a cell outside the study" section of ``study.md``."""
+    checks = check_commands(s)
+    if not checks:
+        return []
+    lines = [
+        "",
+        "## Check a cell outside the study",
+        "",
+        "The held-out reference is `real/reference.npz` and the samples' labels are `real/labels.txt`, so the "
+        "ordinary commands reproduce any cell (run them in this folder; a cell is one seed's FD, the table's "
+        "value for that seed): `eval` scores the study's file, `sample` remakes it from the run's checkpoint "
+        "(the same noise, labels and batches: the same images), and its `eval` gives the same number.",
+        "",
+    ]
+    for c in checks:
+        lines += [
+            f"`{c['cell']}`: {metric} {_num(c['fd'])}",
+            "",
+            "```",
+            c["eval"],
+            c["sample"],
+            c["eval_sample"],
+            "```",
+            "",
+        ]
+    return lines[:-1]
 
 
 def _cache_section(s: dict[str, Any], metric: str, conf: str) -> list[str]:

@@ -12,6 +12,8 @@ The study folder::
       samples/<arm>-s<seed>/<sampler>+cache<A>[-random]-nfe<N>.npz   token-cached variants (PFT arms)
       figures/fd_vs_flops.png         FD against GFLOP per image (only with cached variants)
       classifier.pt                   the feature classifier (features "classifier")
+      real/reference.npz, floor.npz   the held-out reference and the floor's images (uint8 NHWC arr_0)
+      real/labels.txt                 the samples' labels (``patchforcing sample --classes``)
       eval/                           cached features
       study-settings.json             the spec and base config of the last invocation
 
@@ -50,7 +52,7 @@ from ..training.distributed import DistEnv, init_distributed, shutdown_distribut
 from ..training.trainer import Trainer
 from ..utils.io import RunLock, atomic_write, ensure_writable_dir, read_json, write_json_atomic
 from .compare import cell_name, summarize
-from .data import RealSets, check_held_out, data_identity, real_sets
+from .data import RealSets, check_held_out, data_identity, real_sets, write_real_sets
 from .evaluate import bootstrap_fd, cached_features, fd, image_features, make_extractor, pr
 from .report import write_figures, write_report
 from .spec import Arm, CacheVariant, StudyError, StudySpec, arm_config, check_fair, run_id
@@ -335,6 +337,7 @@ def run_study(
         real = real_sets(base, spec.num_samples, spec.sample_seed, device=device)
         clf = None
         if env.is_main:
+            write_real_sets(out / "real", real, spec.num_samples)
             clf = _classifier(spec, out, real, base, log)
         _barrier(env)
         if clf is None and spec.features == "classifier":

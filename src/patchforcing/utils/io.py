@@ -18,6 +18,7 @@ __all__ = [
     "atomic_write",
     "torch_save_atomic",
     "write_json_atomic",
+    "save_npz_atomic",
     "read_json",
     "clean_temp_files",
     "ensure_writable_dir",
@@ -86,6 +87,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 def torch_save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` through :func:`atomic_write`."""
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_npz_atomic(path: str | os.PathLike, **arrays: Any) -> Path:
+    """``np.savez(path, **arrays)`` (uncompressed), written atomically."""
+    import numpy as np
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    return atomic_write(path, write)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
