@@ -16,7 +16,8 @@ real-vs-real floor; its x coordinate is the run's measured training time.
     python benchmarks/recipe_search.py --out studies/recipe --report-only      # table + figure again
 
 Writes ``OUT/<recipe>/`` (one study folder per recipe, resumable), ``OUT/recipe_search.json``,
-``OUT/fd_vs_minutes.png`` and prints a Markdown table. Training times are wall-clock seconds of the
+``OUT/fd_vs_minutes.png``, ``OUT/grids/<recipe>-<steps>.png`` (the samples of every point: same noise
+and labels for both arms) and prints a Markdown table. Training times are wall-clock seconds of the
 trainer on this machine (the study records them per run), so compare recipes measured in one
 invocation on one machine; the header names the CPU.
 """
@@ -180,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
                 run_study(base, spec, folder, progress=False)
                 if not shared_clf.is_file():
                     shutil.copy2(folder / "classifier.pt", shared_clf)
+                grid = folder / "figures" / f"grid_nfe{args.nfe}.png"
+                if grid.is_file():  # the next mark overwrites the study's grid: keep this one
+                    (args.out / "grids").mkdir(exist_ok=True)
+                    shutil.copy2(grid, args.out / "grids" / f"{name}-{steps}.png")
                 new = points_of(json.loads((folder / "study.json").read_text()), name)
                 for p in new:
                     p["overrides"] = overrides

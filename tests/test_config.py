@@ -134,7 +134,8 @@ def test_preset_model_builds_on_meta(name):
     if name.startswith("imagenet256"):
         assert (model.image_size, model.in_channels, model.num_classes) == ((32, 32), 4, 1000)
         assert model.patch_size == 2 and model.num_patches == 256
-        family, size = name.split("-")[1:3]
+        parts = name.split("-")[1:3]  # imagenet256-<family>-<size>[-repa], or the study base imagenet256-<size> (PFT)
+        family, size = parts if len(parts) == 2 and parts[0] in ("pft", "sit") else ("pft", parts[0])
         expected = {"b": (12, 768, 12), "xl": (28, 1152, 16)}[size]
         assert (model.config.depth, model.config.hidden_size, model.config.num_heads) == expected
         assert model.predict_uncertainty == (family == "pft") == model.per_patch_time

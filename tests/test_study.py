@@ -405,6 +405,21 @@ def test_emoji32_study_preset_loads():
     assert cfg.data.val_size >= 256  # a reference big enough for FD in a 128-d feature space
 
 
+@pytest.mark.parametrize("preset,size", [("imagenet256-b", "B/2"), ("imagenet256-xl", "XL/2")])
+def test_imagenet_study_presets_are_the_papers_recipe(preset, size):
+    """``patchforcing study imagenet256-b`` (the issue's command): arms of the paper's backbone and
+    recipe, fair, with the LTG options only on the LTG arm and a held-out reference of 10,000."""
+    cfg = load_config(preset)
+    assert cfg.name == preset and cfg.model.name == f"PFT-{size}" and cfg.data.kind == "latents"
+    assert cfg.data.val_size == 10_000
+    assert (cfg.optim.lr, cfg.optim.batch_size, cfg.ema.decay, cfg.train.max_steps) == (1e-4, 256, 0.9999, 400_000)
+    arms = {a: arm_config(cfg, parse_arm(a)) for a in ("sit", "pft", "pft-srm")}
+    check_fair(list(arms.values()))
+    assert [c.model.name for c in arms.values()] == [f"SiT-{size}", f"PFT-{size}", f"PFT-{size}"]
+    assert arms["pft"].objective.timestep_options == {"loc": 0.7, "scale": 1.0, "std": 0.6}
+    assert arms["pft-srm"].objective.timestep_options == {} and arms["sit"].objective.uncertainty_weight == 0
+
+
 # --------------------------------------------------------------------------------------------
 # token-cached samplers: FD against FLOPs
 # --------------------------------------------------------------------------------------------
