@@ -336,6 +336,19 @@ def test_cells_check_out_with_the_ordinary_commands(finished_study, tmp_path, mo
         assert ",".join(map(str, z["labels"])) == labels  # the floor has the samples' labels
 
 
+def test_check_commands_name_feature_files_from_anywhere(finished_study, tmp_path, monkeypatch):
+    """The check commands run in the study folder, so a relative ``classifier:PATH`` or Inception
+    weights file given at the study's start is printed absolute. Catches a printed path that only
+    works from the directory the study was started in."""
+    s = json.loads((finished_study / "study.json").read_text())
+    monkeypatch.chdir(tmp_path)
+    s["spec"]["features"] = "classifier:models/clf.pt"
+    assert f"--features classifier:{tmp_path / 'models' / 'clf.pt'} " in check_commands(s)[0]["eval"]
+    s["spec"] |= {"features": "inception", "inception_weights": "w/inception.pth"}
+    ev = check_commands(s)[0]["eval"]
+    assert f"--features inception --inception-weights {tmp_path / 'w' / 'inception.pth'} " in ev
+
+
 def test_interrupted_study_resumes_skipping_finished_runs(finished_study, tmp_path, monkeypatch):
     out = tmp_path / "b"
 

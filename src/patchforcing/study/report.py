@@ -217,8 +217,10 @@ def _features_flags(spec: dict[str, Any]) -> str:
     features = spec["features"]
     if features == "classifier":
         return "--features classifier:classifier.pt"
+    if features.startswith("classifier:"):  # the commands run in the study folder: an absolute path
+        return f"--features classifier:{Path(features.split(':', 1)[1]).resolve()}"
     if features == "inception" and spec.get("inception_weights"):
-        return f"--features inception --inception-weights {spec['inception_weights']}"
+        return f"--features inception --inception-weights {Path(spec['inception_weights']).resolve()}"
     return f"--features {features}"
 
 
