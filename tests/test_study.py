@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -382,6 +386,54 @@ def test_interrupted_study_resumes_skipping_finished_runs(finished_study, tmp_pa
     assert trained == [] and _without_timing(out / "study.json") == _without_timing(finished_study / "study.json")
 
 
+def _torchrun_study_worker(out: Path) -> None:
+    """One rank of :func:`test_torchrun_study_reports_once_and_scores_outside_the_group`: the toy
+    study, recording whether the process group is still open when the classifier is trained and
+    the feature extractor made (rank 0's single-process work, hours at ImageNet scale)."""
+    import torch.distributed as dist
+
+    seen = []
+    train_classifier, make_extractor = runner_mod.train_classifier, runner_mod.make_extractor
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            seen.append([name, dist.is_initialized()])
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    runner_mod.train_classifier = spy("classifier", train_classifier)
+    runner_mod.make_extractor = spy("features", make_extractor)
+    run_study(load_config("tiny-test", TOY), _spec(), out, progress=False)  # logs with print
+    (out.parent / f"seen-rank{os.environ['RANK']}.json").write_text(json.dumps(seen))
+
+
+def test_torchrun_study_reports_once_and_scores_outside_the_group(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29557"]
+    r = subprocess.run([*cmd, __file__, str(out)], cwd=Path(__file__).parents[1], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for line in ("[1/4] training", "[2/4] sampling", "[3/4] real images", "[4/4] scoring", "done: "):
+        assert r.stdout.count(line) == 1, r.stdout  # rank 1 says nothing
+    # rank 0 trains the classifier and scores after the group is closed (no collective can time
+    # out waiting for it); rank 1 does neither
+    assert json.loads((tmp_path / "seen-rank0.json").read_text()) == [["classifier", False], ["features", False]]
+    assert json.loads((tmp_path / "seen-rank1.json").read_text()) == []
+    assert (out / "study.md").is_file() and (out / "real" / "reference.npz").is_file()
+    # the samples do not depend on the number of processes: the same checkpoints in one process
+    one = tmp_path / "one"
+    shutil.copytree(out / "runs", one / "runs")
+    run_study(load_config("tiny-test", TOY), _spec(), one, progress=False, log=lambda m: None)
+    a, b = (json.loads((d / "study.json").read_text()) for d in (out, one))
+    assert [(c["arm"], c["sampler"]) for c in a["table"]] == [(c["arm"], c["sampler"]) for c in b["table"]]
+    for ca, cb in zip(a["cells"], b["cells"]):
+        with np.load(out / ca["path"]) as za, np.load(one / cb["path"]) as zb:
+            diff = np.abs(za["arr_0"].astype(int) - zb["arr_0"].astype(int))
+            assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, ca["path"]
+    for ca, cb in zip(a["table"], b["table"]):
+        assert ca["fd"] == pytest.approx(cb["fd"], rel=1e-3)
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
@@ -716,3 +768,7 @@ def test_gflops_per_image_of_a_record_and_unknown_costs(cached_study, tmp_path):
     assert write_flops_figure(tmp_path / "f.png", s) is None and not (tmp_path / "f.png").exists()
     md = write_report(tmp_path, s).read_text()
     assert "| euler_pf+cache0.5 | 4 | n/a |" in md and "| n/a |" in md
+
+
+if __name__ == "__main__":  # torchrun tests/test_study.py OUT_DIR (the torchrun study test's ranks)
+    _torchrun_study_worker(Path(sys.argv[1]))

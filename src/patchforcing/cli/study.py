@@ -158,6 +158,5 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"train.device={args.device}")
     base = load_config(args.config, overrides)
     out = check_output_dir(args.out or Path("studies") / base.name)
-    md = run_study(base, spec, out, progress=base.train.progress)
-    print(f"study: {md}")
+    run_study(base, spec, out, progress=base.train.progress)  # rank 0 logs "done: <study.md>"
     return 0

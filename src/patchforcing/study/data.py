@@ -34,6 +34,8 @@ from .spec import StudyError
 
 __all__ = [
     "RealSets",
+    "SampleLabels",
+    "sample_labels",
     "real_sets",
     "write_real_sets",
     "check_held_out",
@@ -108,6 +110,22 @@ class RealSets:
         }
 
 
+@dataclass
+class SampleLabels:
+    """The study's sample labels and the training split they come from (no images read).
+
+    Attributes:
+        classes: label of sample ``i`` is ``classes[i % len(classes)]``.
+        order: the seeded permutation of the training split (the floor is ``order[:n]``).
+        num_train, num_classes: training split size and classes.
+    """
+
+    classes: list[int]
+    order: list[int]
+    num_train: int
+    num_classes: int
+
+
 def _labels_of(subset: Any, order: list[int]) -> list[int]:
     base, idx = getattr(subset, "dataset", None), getattr(subset, "indices", None)
     labels = getattr(base, "labels", None)
@@ -138,40 +156,59 @@ def check_held_out(cfg: ExperimentConfig) -> None:
         )
 
 
+def _split(cfg: ExperimentConfig) -> tuple[Any, Any, Any]:
+    """``(data, train, val)`` of ``cfg`` read without flips (latent data as configured)."""
+    plain = apply_overrides(cfg, ["data.flip=false"]) if cfg.data.kind != "latents" else cfg
+    data = build_data(plain)
+    train, val = split_train_val(data, cfg.data.val_size)
+    return data, train, val
+
+
+def _sample_labels(data: Any, train: Any, seed: int) -> SampleLabels:
+    num_classes = int(getattr(data, "num_classes", 0) or 0)
+    n_train = len(train)
+    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(int(seed))).tolist()
+    classes = _labels_of(train, order[: min(n_train, MAX_LABELS)]) if num_classes > 0 else [0]
+    return SampleLabels(classes=classes, order=order, num_train=n_train, num_classes=num_classes)
+
+
+def sample_labels(cfg: ExperimentConfig, seed: int = 0) -> SampleLabels:
+    """The labels of a study's samples (see the module docstring), read from the data's label
+    array without decoding images: what every rank of a distributed study needs to sample.
+
+    Raises:
+        StudyError: ``data.val_size`` is below 2 (no held-out images)."""
+    check_held_out(cfg)
+    data, train, _ = _split(cfg)
+    return _sample_labels(data, train, seed)
+
+
 def real_sets(cfg: ExperimentConfig, num_samples: int, seed: int = 0, device: torch.device | str = "cpu") -> RealSets:
     """The reference, floor and labels of a study on ``cfg``'s data (see the module docstring).
 
     Raises:
-        StudyError: ``data.val_size`` is 0 (no held-out images) or the data has no classes.
+        StudyError: ``data.val_size`` is below 2 (no held-out images).
     """
     device = torch.device(device)
     check_held_out(cfg)
-    plain = apply_overrides(cfg, ["data.flip=false"]) if cfg.data.kind != "latents" else cfg
-    data = build_data(plain)
-    train, val = split_train_val(data, cfg.data.val_size)
+    data, train, val = _split(cfg)
+    labels = _sample_labels(data, train, seed)
     spec = getattr(data, "autoencoder_spec", None)
     decode = None
     if spec is not None and spec.kind != "identity":
         decode = load_autoencoder(spec, device=device).decode
-    num_classes = int(getattr(data, "num_classes", 0) or 0)
-    n_train = len(train)
-    g = torch.Generator().manual_seed(int(seed))
-    order = torch.randperm(n_train, generator=g).tolist()
-    head = order[: min(n_train, MAX_LABELS)]
-    classes = _labels_of(train, head) if num_classes > 0 else [0]
-    n_floor = min(int(num_samples), n_train)
     reference = _images(val, list(range(len(val))), decode, device)
-    floor = _images(train, order[:n_floor], decode, device)
+    floor = _images(train, labels.order[: min(int(num_samples), labels.num_train)], decode, device)
     view = None
-    if decode is None and cfg.data.kind != "latents" and num_classes >= 2:
+    if decode is None and cfg.data.kind != "latents" and labels.num_classes >= 2:
         train_flip, _ = split_train_val(build_data(cfg), cfg.data.val_size)
         view = LabelledView(train_flip.dataset, list(train_flip.indices))
     return RealSets(
         reference=reference,
         floor=floor,
-        classes=classes,
-        num_train=n_train,
-        num_classes=num_classes,
+        classes=labels.classes,
+        num_train=labels.num_train,
+        num_classes=labels.num_classes,
         classifier_data=view,
         pixel_space=decode is None,
     )

@@ -25,6 +25,9 @@ study and running the same command again therefore gives the same ``study.json``
 
 Fairness is asserted, not assumed: :func:`~patchforcing.study.spec.check_fair` on the configs
 and :func:`check_shared_inputs` on the sampling specs (same seed, labels and count everywhere).
+
+Under torchrun every rank trains (DDP) and samples its share; the group is then closed and rank 0
+alone reads the real images, trains the classifier and scores, so no collective waits on that work.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ from ..training.distributed import DistEnv, init_distributed, shutdown_distribut
 from ..training.trainer import Trainer
 from ..utils.io import RunLock, atomic_write, ensure_writable_dir, read_json, write_json_atomic
 from .compare import cell_name, summarize
-from .data import RealSets, check_held_out, data_identity, real_sets, write_real_sets
+from .data import RealSets, check_held_out, data_identity, real_sets, sample_labels, write_real_sets
 from .evaluate import bootstrap_fd, cached_features, fd, image_features, make_extractor, pr
 from .report import write_figures, write_report
 from .spec import Arm, CacheVariant, StudyError, StudySpec, arm_config, check_fair, run_id
@@ -99,9 +102,10 @@ def plan_runs(base: ExperimentConfig, spec: StudySpec, out: Path) -> list[StudyR
 
 
 def generation_spec(
-    spec: StudySpec, real: RealSets, sampler: str, nfe: int, variant: CacheVariant | None = None
+    spec: StudySpec, classes: list[int], sampler: str, nfe: int, variant: CacheVariant | None = None
 ) -> GenerationSpec:
-    """The sampling spec of one (sampler, NFE) cell: the study's seed, labels and count, always.
+    """The sampling spec of one (sampler, NFE) cell: the study's seed, labels (sample ``i`` gets
+    ``classes[i % len(classes)]``) and count, always.
 
     With a cached ``variant`` (of ``sampler``): the same spec plus the variant's token cache
     (its random choice seeded by the study's sample seed)."""
@@ -111,7 +115,7 @@ def generation_spec(
         seed=spec.sample_seed,
         sampler=sampler,
         nfe=nfe,
-        classes=list(real.classes),
+        classes=list(classes),
         options=spec.options_of(sampler),
         cache=None if variant is None else variant.token_cache(spec.sample_seed),
         precision=spec.sample_precision,
@@ -277,6 +281,10 @@ def _images_per_sec(run_dir: Path) -> float | None:
     return float(np.median(values)) if values else None
 
 
+def _silent(message: str) -> None:
+    del message
+
+
 def _barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()
@@ -312,6 +320,8 @@ def run_study(
     check_study(base, spec)
     runs = plan_runs(base, spec, out)  # refuses unfair arms before anything is written
     env = init_distributed(base.train.device)
+    if not env.is_main:  # one report per study, from rank 0
+        log = _silent
     ensure_writable_dir(out, "study directory")
     lock = RunLock(out, ".study.lock").acquire() if env.is_main else None  # one study process per folder
     device = env.device
@@ -333,20 +343,18 @@ def run_study(
         if len(steps) > 1:
             raise StudyError(f"the runs were trained for different numbers of steps: {sorted(steps)}")
 
-        log(f"[2/4] real images: held-out reference and floor (data: {base.data.kind})")
-        real = real_sets(base, spec.num_samples, spec.sample_seed, device=device)
-        clf = None
-        if env.is_main:
-            write_real_sets(out / "real", real, spec.num_samples)
-            clf = _classifier(spec, out, real, base, log)
-        _barrier(env)
-        if clf is None and spec.features == "classifier":
-            clf = out / "classifier.pt"
-
-        log(f"[3/4] sampling {spec.num_samples} images per run, sampler and NFE ({', '.join(map(str, spec.nfe))})")
-        gspecs = {(s, n): generation_spec(spec, real, s, n) for s in spec.samplers_of_any() for n in spec.nfe}
+        labels = sample_labels(base, spec.sample_seed)  # every rank: no images decoded
+        if spec.features == "classifier" and labels.num_classes < 2:
+            raise StudyError(
+                f"features 'classifier' trains a classifier on the training labels, but this data has "
+                f"{labels.num_classes} class(es); give --features classifier:PATH or --features inception"
+            )
+        log(f"[2/4] sampling {spec.num_samples} images per run, sampler and NFE ({', '.join(map(str, spec.nfe))})")
+        gspecs = {(s, n): generation_spec(spec, labels.classes, s, n) for s in spec.samplers_of_any() for n in spec.nfe}
         gspecs |= {
-            (v.name, n): generation_spec(spec, real, v.sampler, n, v) for v in spec.cache_variants() for n in spec.nfe
+            (v.name, n): generation_spec(spec, labels.classes, v.sampler, n, v)
+            for v in spec.cache_variants()
+            for n in spec.nfe
         }
         check_shared_inputs(list(gspecs.values()))
         cells: list[dict[str, Any]] = []
@@ -385,8 +393,19 @@ def run_study(
             del model
         sample_seconds = time.perf_counter() - t_sample
 
+        # Rank 0 alone reads the real images, trains the classifier and scores (minutes to hours at
+        # ImageNet scale): the other ranks leave now, and the group is closed so that no collective
+        # waits on rank 0 past the backend's timeout.
+        if env.distributed:
+            shutdown_distributed()
         if not env.is_main:
             return out / "study.md"
+        log(f"[3/4] real images: held-out reference and floor (data: {base.data.kind})")
+        real = real_sets(base, spec.num_samples, spec.sample_seed, device=device)
+        if real.classes != labels.classes:
+            raise StudyError("the data changed during the study: its training labels differ from the sampled ones")
+        write_real_sets(out / "real", real, spec.num_samples)
+        clf = _classifier(spec, out, real, base, log)
         log("[4/4] scoring: features, Fréchet distances, bootstrap intervals, report")
         extractor = make_extractor(spec.features, clf, spec.inception_weights, device)
         fmeta = extractor.describe()
