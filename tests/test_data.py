@@ -296,6 +296,19 @@ def test_npz_no_labels_resize_gray_and_flip(tmp_path: Path):
             assert left_white != hflip_flag(0, e, i)
 
 
+def test_npz_adm_layout_arr_0_images_arr_1_labels(tmp_path: Path):
+    imgs = np.random.default_rng(0).integers(0, 256, size=(4, 8, 8, 3), dtype=np.uint8)
+    adm = NpzImageDataset(_npz(tmp_path / "adm.npz", arr_0=imgs, arr_1=np.array([2, 0, 1, 2])), flip=False)
+    assert adm.labels.tolist() == [2, 0, 1, 2] and adm.num_classes == 3 and np.array_equal(adm.images, imgs)
+    bare = NpzImageDataset(_npz(tmp_path / "bare.npz", arr_0=imgs), flip=False)  # images only: one class
+    assert bare.labels.tolist() == [0, 0, 0, 0] and np.array_equal(bare.images, imgs)
+    # named arrays win over the ADM fallback; an explicit key is never replaced
+    both = _npz(tmp_path / "both.npz", images=imgs[:2], labels=np.array([1, 1]), arr_0=imgs, arr_1=np.zeros(4, int))
+    assert NpzImageDataset(both, flip=False).labels.tolist() == [1, 1]
+    with pytest.raises(DataError, match="no array 'pixels'"):
+        NpzImageDataset(tmp_path / "adm.npz", key="pixels")
+
+
 def test_npz_errors(tmp_path: Path):
     p = _npz(tmp_path / "obj.npz", images=np.zeros((2, 4, 4, 3), np.uint8), labels=np.array([1, "a"], dtype=object))
     with pytest.raises(DataError, match="pickle"):

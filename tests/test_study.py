@@ -304,6 +304,52 @@ def test_toy_study_end_to_end(finished_study):
     assert "not tested (1 seed)" in md
 
 
+def test_study_on_an_image_folder_scores_against_its_held_out_files(tmp_path):
+    """A real image set the project has never seen: a class folder of files in mixed formats and
+    sizes (RGBA PNG, grey PNG, JPEG). The reference must be exactly the held-out files, the floor
+    training files with the samples' labels, and the classifier trained on the folder's classes.
+    Catches a reference drawn from the training split, floor images whose labels are not the
+    samples', and class counts taken from the preset instead of the data."""
+    from PIL import Image
+
+    from patchforcing.training.trainer import build_data, split_train_val
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "unseen"
+    for name, tint in [("ant", (200, 40, 40)), ("bee", (40, 200, 40)), ("cat", (40, 40, 200))]:
+        (root / name).mkdir(parents=True)
+        for j in range(14):
+            h, w = [(20, 24), (16, 16), (28, 20)][j % 3]
+            noise = rng.integers(0, 60, size=(h, w, 3))
+            img = Image.fromarray(np.clip(np.array(tint) + noise, 0, 255).astype(np.uint8))
+            if j % 3 == 0:
+                img.convert("RGBA").save(root / name / f"{j}.png")
+            elif j % 3 == 1:
+                img.save(root / name / f"{j}.jpg", quality=95)
+            else:
+                img.convert("L").save(root / name / f"{j}.png")
+    data = ["data.kind=folder", f"data.path={root}", "data.resolution=16", "data.val_size=12"]
+    cfg = load_config("tiny-test", TOY + data)
+    out = tmp_path / "study"
+    run_study(cfg, _spec(samplers=["euler_pf"]), out, progress=False, log=lambda m: None)
+    s = json.loads((out / "study.json").read_text())
+    assert s["real"]["num_classes"] == 3 and s["real"]["train_items"] == 30 and s["features"]["held_out_accuracy"] > 0
+    train, val = split_train_val(build_data(apply_overrides(cfg, ["data.flip=false"])), 12)
+    with np.load(out / "real" / "reference.npz") as z:
+        reference = z["arr_0"]
+    with np.load(out / "real" / "floor.npz") as z:
+        floor, floor_labels = z["arr_0"], z["labels"]
+    held_out = np.stack([pf.data.to_uint8(val[i][0]).permute(1, 2, 0).numpy() for i in range(len(val))])
+    assert reference.shape == (12, 16, 16, 3) and np.array_equal(reference, held_out)
+    by_bytes = {pf.data.to_uint8(x).permute(1, 2, 0).numpy().tobytes(): y for x, y in (train[i] for i in range(30))}
+    assert not any(r.tobytes() in by_bytes for r in reference)  # disjoint from training
+    assert [by_bytes[f.tobytes()] for f in floor] == floor_labels.tolist()  # floor: training files, their labels
+    labels = [int(v) for v in (out / "real" / "labels.txt").read_text().split(",")]
+    assert labels[: len(floor)] == floor_labels.tolist() and set(labels) <= {0, 1, 2}
+    with np.load(out / s["cells"][0]["path"]) as z:
+        assert z["arr_0"].shape == (24, 16, 16, 3) and z["labels"].tolist() == labels
+
+
 def test_cells_check_out_with_the_ordinary_commands(finished_study, tmp_path, monkeypatch):
     """The independent check ``study.md`` prints: ``patchforcing eval`` of a cell against
     ``real/reference.npz`` gives the table's FD, and ``patchforcing sample`` of the run with

@@ -37,7 +37,9 @@ class NpzImageDataset(Dataset):
         seed: seed of the flip.
         key: name of the image array, ``uint8`` ``(N, H, W, C)`` with ``C`` in {1, 3, 4}
             (``(N, H, W)`` is read as ``C = 1``); ``C = 4`` is straight-alpha RGBA, composited on
-            white (``rgb * a + 255 * (1 - a)``).
+            white (``rgb * a + 255 * (1 - a)``). A file without ``images`` but with ``arr_0`` (the
+            ADM / ``np.savez`` layout, e.g. ``patchforcing sample``'s output) is read with
+            ``key="arr_0"`` and ``labels_key="arr_1"`` when the defaults are in use.
         labels_key: name of the integer ``(N,)`` label array; if the file has none, all labels are 0.
         classes_key: name of an optional ``(K,)`` string array of class names; when present it fixes
             ``num_classes = K`` and ``class_names``.
@@ -116,6 +118,10 @@ class NpzImageDataset(Dataset):
             if isinstance(loaded, np.ndarray):  # a plain .npy: images only
                 return loaded, None, None
             with loaded as z:
+                if key == "images" and key not in z.files and "arr_0" in z.files:  # the ADM layout
+                    key = "arr_0"
+                    if labels_key == "labels" and "labels" not in z.files:
+                        labels_key = "arr_1"
                 if key not in z.files:
                     raise DataError(f"{where!r} has no array {key!r}; arrays in it: {sorted(z.files)}")
                 images = z[key]
