@@ -248,9 +248,9 @@ TOY = [
 
 def _spec(**kw):
     kw.setdefault("samplers", ["euler_pf", "look_ahead", "random_context"])
+    kw.setdefault("nfe", [4])
     return StudySpec(
         arms=parse_arms("sit,pft"),
-        nfe=[4],
         num_samples=24,
         batch_size=24,
         classifier_epochs=1,
@@ -752,6 +752,60 @@ def test_equal_flop_verdict_needs_a_gain_that_survives_the_correction(corrected)
         assert "better at equal FLOPs here" in notes and "stay the default" not in notes
     else:
         assert "none stays significant" in notes and "the dense samplers stay the default" in notes
+
+
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_random_context_is_compared_with_look_ahead_directly(tmp_path, seeds):
+    """The paper's control: random_context minus look_ahead of the same arm and NFE, paired. Cells
+    with known FDs and replicates: random context is worse by exactly 0.5 at NFE 4 (every replicate
+    shifted) and equal at NFE 8. Catches the difference taken against euler_pf or with the wrong sign,
+    an unpaired interval (it would not be exact), a missing mark and a miscounted note."""
+    spec = _spec(samplers=["euler_pf", "look_ahead", "random_context"], nfe=[4, 8], seeds=seeds)
+    rng = np.random.default_rng(0)
+    cells = []
+    for seed in range(seeds):
+        for nfe in (4, 8):
+            noise = rng.normal(0.0, 0.1, size=30)
+            sampler_fd = {"euler": 3.0, "euler_pf": 2.0, "look_ahead": 1.5, "random_context": 2.0 if nfe == 4 else 1.5}
+            for arm, sampler in [
+                ("sit", "euler"),
+                ("pft", "euler_pf"),
+                ("pft", "look_ahead"),
+                ("pft", "random_context"),
+            ]:
+                fd_value = sampler_fd[sampler] + 0.1 * seed
+                cells.append(
+                    {"run": f"{arm}-s{seed}", "arm": arm, "seed": seed, "sampler": sampler, "nfe_budget": nfe}
+                    | {"path": f"samples/{arm}-s{seed}/{sampler}-nfe{nfe}.npz", "options": {}}
+                    | {"nfe": nfe - 1, "steps": 2, "fd": fd_value, "replicates": fd_value + noise}
+                    | {"precision": 0.5, "recall": 0.5}
+                )
+    floor = {"fd": 0.5, "replicates": 0.5 + rng.normal(0.0, 0.05, size=30), "n": 24}
+    s = compare_mod.summarize(
+        spec=spec,
+        base=load_config("tiny-test", TOY),
+        cells=cells,
+        floor=floor,
+        runs={},
+        features={"name": "classifier", "held_out_accuracy": 0.9},
+        real={"reference_images": 24},
+        timing={"runs": {}},
+    )
+    rows = {(r["arm"], r["sampler"], r["nfe_budget"]): r for r in s["table"]}
+    d4, d8 = rows[("pft", "random_context", 4)]["vs_context"], rows[("pft", "random_context", 8)]["vs_context"]
+    assert d4["baseline"] == "look_ahead" and d4["estimate"] == pytest.approx(0.5)
+    assert d4["low"] == pytest.approx(0.5) and d4["high"] == pytest.approx(0.5) and d4["significant"]
+    assert d8["estimate"] == pytest.approx(0.0) and not d8["significant"]
+    assert d4["by_seed"] == pytest.approx([0.5] * seeds)
+    assert not any("vs_context" in r for k, r in rows.items() if k[1] != "random_context")
+    assert s["comparisons"]["context"] == 2
+    notes = " ".join(s["notes"])
+    assert "1 of 2 significant at 95% (1 worse than look_ahead, as the paper reports; 0 better)" in notes
+    md = write_report(tmp_path, s | {"runs": {}}).read_text()
+    nfe4, nfe8 = md.split("| pft | random_context |")[1].split("\n")[0].split("|")[:2]
+    marks4, marks8 = nfe4.rsplit("]", 1)[1], nfe8.rsplit("]", 1)[1]
+    assert "‡" in marks4 and "†" not in marks4 and "†" in marks8 and "‡" not in marks8  # ‡ look_ahead, † euler_pf
+    assert "| pft | 4 | +0.5 | [0.5, 0.5] | yes |" in md and "| pft | 8 | +0 |" in md
 
 
 def test_study_without_cache_flags_keeps_its_record(finished_study):

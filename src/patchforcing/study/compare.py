@@ -17,6 +17,10 @@ Two sources of error are kept apart and, where both apply, combined in quadratur
 * **Sampler difference** (a PFT arm's sampler minus its baseline sampler, ``euler_pf``, at the
   same NFE): paired bootstrap (combined with the seed spread of the per-seed differences from two
   seeds on). Significant (mark †) when the interval excludes 0.
+* **Context difference** (``random_context`` minus ``look_ahead`` of the same PFT arm at the same
+  NFE, when both are sampled): the paper's "PFT-random" control against the uncertainty rule it
+  replaces, at the same calls and context times. Paired as a sampler difference; significant (mark
+  ‡) when the interval excludes 0. Positive: random context is worse, as the paper reports.
 * **Arm difference** (an arm minus the baseline arm, ``sit`` with ``euler``, at the same NFE):
   arms are separately trained models, so the seed spread must be measured: from two seeds on,
   the seed interval of the per-seed differences combined with the paired bootstrap; significant
@@ -61,7 +65,12 @@ __all__ = [
     "SAMPLER_TEST_SEEDS",
     "ARM_TEST_SEEDS",
     "ARM_TEST_ONE_SEED",
+    "CONTEXT_RULE",
+    "CONTEXT_CONTROL",
 ]
+
+#: the uncertainty-chosen context sampler and its random-context control (compared directly)
+CONTEXT_RULE, CONTEXT_CONTROL = "look_ahead", "random_context"
 
 SAMPLER_TEST = "paired bootstrap over the shared samples"
 SAMPLER_TEST_SEEDS = "paired bootstrap over the shared samples, combined with the spread over training seeds"
@@ -155,7 +164,7 @@ def summarize(
     floor_iv = _interval([floor["fd"]], [floor["replicates"]], conf)
 
     rows: list[dict[str, Any]] = []
-    n_sampler_tests = n_arm_tests = 0
+    n_sampler_tests = n_arm_tests = n_context_tests = 0
     for arm in spec.arms:
         for sampler in spec.samplers_for(arm):
             for nfe in spec.nfe:
@@ -187,6 +196,17 @@ def summarize(
                         "test": SAMPLER_TEST if one_seed else SAMPLER_TEST_SEEDS,
                     }
                     n_sampler_tests += 1
+                if arm.is_pft and sampler == CONTEXT_CONTROL and CONTEXT_RULE in spec.samplers_for(arm):
+                    ls = [by[(arm.name, s, CONTEXT_RULE, nfe)] for s in seeds]
+                    civ = _difference(cs, ls, conf)
+                    row["vs_context"] = {
+                        "baseline": CONTEXT_RULE,
+                        **_iv(civ),
+                        "by_seed": [c["fd"] - b["fd"] for c, b in zip(cs, ls)],
+                        "significant": civ.excludes_zero,
+                        "test": SAMPLER_TEST if one_seed else SAMPLER_TEST_SEEDS,
+                    }
+                    n_context_tests += 1
                 if arm.name != base_arm.name:
                     bs = [by[(base_arm.name, s, ref_sampler, nfe)] for s in seeds]
                     aiv = _difference(cs, bs, conf)
@@ -206,7 +226,8 @@ def summarize(
         | {"model_sha256": (c.get("settings") or {}).get("model_sha256")}
         for c in cells
     ]
-    notes = _notes(spec, rows, floor, floor_iv, one_seed, len(seeds), n_sampler_tests, n_arm_tests)
+    tests = {"sampler": n_sampler_tests, "arm": n_arm_tests, "context": n_context_tests}
+    notes = _notes(spec, rows, floor, one_seed, len(seeds), tests)
     cache = _cache_summary(spec, by, seeds, conf) if spec.cache_variants() else None
     return {
         "version": 1,
@@ -229,14 +250,15 @@ def summarize(
         "runs": dict(runs),
         "cells": out_cells,
         "table": rows,
-        "comparisons": {"sampler": n_sampler_tests, "arm": n_arm_tests},
+        "comparisons": tests,
         "notes": notes,
         "timing": dict(timing),
         **({"cache": cache} if cache is not None else {}),
     }
 
 
-def _notes(spec, rows, floor, floor_iv, one_seed, n_seeds, n_sampler_tests, n_arm_tests) -> list[str]:
+def _notes(spec, rows, floor, one_seed, n_seeds, tests: Mapping[str, int]) -> list[str]:
+    n_sampler_tests, n_arm_tests, n_context_tests = tests["sampler"], tests["arm"], tests["context"]
     notes = []
     best = min(rows, key=lambda r: r["fd"])
     ratio = best["fd"] / floor["fd"] if floor["fd"] > 0 else float("inf")
@@ -256,6 +278,14 @@ def _notes(spec, rows, floor, floor_iv, one_seed, n_seeds, n_sampler_tests, n_ar
             f"Sampler differences ({SAMPLER_TEST}): {len(sig)} of {n_sampler_tests} significant at "
             f"{spec.confidence:.0%} ({len(better)} lower FD than {spec.baseline_sampler}, {len(sig) - len(better)} higher)."
         )
+    if n_context_tests:
+        sig_c = [r for r in rows if r.get("vs_context", {}).get("significant")]
+        worse = [r for r in sig_c if r["vs_context"]["estimate"] > 0]
+        notes.append(
+            f"Random context against {CONTEXT_RULE} (the paper's PFT-random control; {_test(one_seed)}): "
+            f"{len(sig_c)} of {n_context_tests} significant at {spec.confidence:.0%} ({len(worse)} worse than "
+            f"{CONTEXT_RULE}, as the paper reports; {len(sig_c) - len(worse)} better)."
+        )
     if one_seed:
         notes.append(
             "One training seed: the spread over training seeds is not measured, so no arm difference is marked "
@@ -267,7 +297,7 @@ def _notes(spec, rows, floor, floor_iv, one_seed, n_seeds, n_sampler_tests, n_ar
             f"Arm differences ({ARM_TEST_SEEDS}, {n_seeds} seeds): {len(sig_a)} of {n_arm_tests} significant at "
             f"{spec.confidence:.0%}."
         )
-    total = n_sampler_tests + (0 if one_seed else n_arm_tests)
+    total = n_sampler_tests + n_context_tests + (0 if one_seed else n_arm_tests)
     if total:
         notes.append(
             f"Marks are per comparison ({total} comparisons), not corrected for multiplicity: about "

@@ -20,10 +20,12 @@ __all__ = [
     "check_commands",
     "SAMPLER_MARK",
     "ARM_MARK",
+    "CONTEXT_MARK",
 ]
 
 SAMPLER_MARK = "†"
 ARM_MARK = "*"
+CONTEXT_MARK = "‡"
 _MARKERS = ("o", "s", "D", "^", "x")
 
 
@@ -45,6 +47,8 @@ def _marks(row: dict[str, Any]) -> str:
         m += SAMPLER_MARK
     if row.get("vs_arm", {}).get("significant"):
         m += ARM_MARK
+    if row.get("vs_context", {}).get("significant"):
+        m += CONTEXT_MARK
     return f" {m}" if m else ""
 
 
@@ -107,6 +111,11 @@ def write_report(out: Path, s: dict[str, Any]) -> Path:
             "(needs >= 2 training seeds: not tested here)."
             if one_seed
             else "(spread over training seeds combined with the paired bootstrap)."
+        )
+        + (
+            f" {CONTEXT_MARK}: `random_context` differs from `look_ahead` of the same arm at the same NFE (paired)."
+            if any("vs_context" in r for r in s["table"])
+            else ""
         ),
         "",
         "Steps (NFE actually used) per sampler and budget: "
@@ -134,6 +143,22 @@ def write_report(out: Path, s: dict[str, Any]) -> Path:
                 f"{'yes' if d['significant'] else 'no'} |"
             )
         lines.append("")
+    crows = [r for r in s["table"] if "vs_context" in r]
+    if crows:
+        lines += [
+            "### Random context against look-ahead (same arm, NFE, calls and context times; paired: the paper's "
+            "PFT-random control)",
+            "",
+            f"| arm | NFE | Δ{metric} (random − look_ahead) | {conf} interval | significant |",
+            "|---|---:|---:|---|---|",
+        ]
+        for r in crows:
+            d = r["vs_context"]
+            lines.append(
+                f"| {r['arm']} | {r['nfe_budget']} | {d['estimate']:+.4g} | {_ci(d['low'], d['high'])} | "
+                f"{'yes' if d['significant'] else 'no'} |"
+            )
+        lines += ["", "Positive: random context is worse than uncertainty-chosen context (the paper's finding).", ""]
     arows = [r for r in s["table"] if "vs_arm" in r]
     if arows:
         lines += [
