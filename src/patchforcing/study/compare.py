@@ -132,6 +132,18 @@ def _difference(cs: list[dict[str, Any]], bs: list[dict[str, Any]], conf: float)
     )
 
 
+def _paired(cs: list[dict[str, Any]], bs: list[dict[str, Any]], conf: float) -> dict[str, Any]:
+    """Cells ``cs`` minus cells ``bs`` of the same arm (one per seed): a sampler comparison, paired
+    over the shared samples (and by seed)."""
+    div = _difference(cs, bs, conf)
+    return {
+        **_iv(div),
+        "by_seed": [c["fd"] - b["fd"] for c, b in zip(cs, bs)],
+        "significant": div.excludes_zero,
+        "test": SAMPLER_TEST if len(cs) == 1 else SAMPLER_TEST_SEEDS,
+    }
+
+
 def _iv(iv: Interval) -> dict[str, Any]:
     return {"estimate": iv.estimate, "low": iv.low, "high": iv.high}
 
@@ -186,26 +198,12 @@ def summarize(
                     "recall": _mean([c.get("recall") for c in cs]),
                 }
                 if arm.is_pft and sampler != base_sampler and base_sampler in spec.samplers_for(arm):
-                    bs = [by[(arm.name, s, base_sampler, nfe)] for s in seeds]
-                    div = _difference(cs, bs, conf)
-                    row["vs_sampler"] = {
-                        "baseline": base_sampler,
-                        **_iv(div),
-                        "by_seed": [c["fd"] - b["fd"] for c, b in zip(cs, bs)],
-                        "significant": div.excludes_zero,
-                        "test": SAMPLER_TEST if one_seed else SAMPLER_TEST_SEEDS,
-                    }
+                    row["vs_sampler"] = _paired(cs, [by[(arm.name, s, base_sampler, nfe)] for s in seeds], conf)
+                    row["vs_sampler"]["baseline"] = base_sampler
                     n_sampler_tests += 1
                 if arm.is_pft and sampler == CONTEXT_CONTROL and CONTEXT_RULE in spec.samplers_for(arm):
-                    ls = [by[(arm.name, s, CONTEXT_RULE, nfe)] for s in seeds]
-                    civ = _difference(cs, ls, conf)
-                    row["vs_context"] = {
-                        "baseline": CONTEXT_RULE,
-                        **_iv(civ),
-                        "by_seed": [c["fd"] - b["fd"] for c, b in zip(cs, ls)],
-                        "significant": civ.excludes_zero,
-                        "test": SAMPLER_TEST if one_seed else SAMPLER_TEST_SEEDS,
-                    }
+                    row["vs_context"] = _paired(cs, [by[(arm.name, s, CONTEXT_RULE, nfe)] for s in seeds], conf)
+                    row["vs_context"]["baseline"] = CONTEXT_RULE
                     n_context_tests += 1
                 if arm.name != base_arm.name:
                     bs = [by[(base_arm.name, s, ref_sampler, nfe)] for s in seeds]
