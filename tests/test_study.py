@@ -350,6 +350,14 @@ def test_study_on_an_image_folder_scores_against_its_held_out_files(tmp_path):
         assert z["arr_0"].shape == (24, 16, 16, 3) and z["labels"].tolist() == labels
 
 
+def test_classifier_features_on_one_class_data_are_refused_before_training(tmp_path):
+    """The study's classifier needs >= 2 classes: the error must come before hours of training."""
+    out = tmp_path / "one-class"
+    with pytest.raises(StudyError, match="this data has 1 class"):
+        run_study(load_config("tiny-test", TOY + ["data.num_classes=1"]), _spec(), out, progress=False, log=lambda m: None)
+    assert not (out / "runs").exists()
+
+
 def test_cells_check_out_with_the_ordinary_commands(finished_study, tmp_path, monkeypatch):
     """The independent check ``study.md`` prints: ``patchforcing eval`` of a cell against
     ``real/reference.npz`` gives the table's FD, and ``patchforcing sample`` of the run with

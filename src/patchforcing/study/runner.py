@@ -333,6 +333,12 @@ def run_study(
                 {"format": STUDY_FORMAT, "spec": spec.to_dict(), "config": config_to_dict(base)},
             )
             atomic_write(out / "base-config.yaml", lambda tmp: save_config(base, tmp))
+        labels = sample_labels(base, spec.sample_seed)  # every rank, before training: no images decoded
+        if spec.features == "classifier" and labels.num_classes < 2:
+            raise StudyError(
+                f"features 'classifier' trains a classifier on the training labels, but this data has "
+                f"{labels.num_classes} class(es); give --features classifier:PATH or --features inception"
+            )
         log(f"[1/4] training {len(runs)} run(s): {', '.join(r.id for r in runs)}")
         infos: dict[str, dict[str, Any]] = {}
         for run in runs:
@@ -343,12 +349,6 @@ def run_study(
         if len(steps) > 1:
             raise StudyError(f"the runs were trained for different numbers of steps: {sorted(steps)}")
 
-        labels = sample_labels(base, spec.sample_seed)  # every rank: no images decoded
-        if spec.features == "classifier" and labels.num_classes < 2:
-            raise StudyError(
-                f"features 'classifier' trains a classifier on the training labels, but this data has "
-                f"{labels.num_classes} class(es); give --features classifier:PATH or --features inception"
-            )
         log(f"[2/4] sampling {spec.num_samples} images per run, sampler and NFE ({', '.join(map(str, spec.nfe))})")
         gspecs = {(s, n): generation_spec(spec, labels.classes, s, n) for s in spec.samplers_of_any() for n in spec.nfe}
         gspecs |= {
