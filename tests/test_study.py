@@ -354,7 +354,9 @@ def test_classifier_features_on_one_class_data_are_refused_before_training(tmp_p
     """The study's classifier needs >= 2 classes: the error must come before hours of training."""
     out = tmp_path / "one-class"
     with pytest.raises(StudyError, match="this data has 1 class"):
-        run_study(load_config("tiny-test", TOY + ["data.num_classes=1"]), _spec(), out, progress=False, log=lambda m: None)
+        run_study(
+            load_config("tiny-test", TOY + ["data.num_classes=1"]), _spec(), out, progress=False, log=lambda m: None
+        )
     assert not (out / "runs").exists()
 
 
