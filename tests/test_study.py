@@ -810,7 +810,7 @@ def test_random_context_is_compared_with_look_ahead_directly(tmp_path, seeds):
     assert not any("vs_context" in r for k, r in rows.items() if k[1] != "random_context")
     assert s["comparisons"]["context"] == 2
     notes = " ".join(s["notes"])
-    assert "1 of 2 significant at 95% (1 worse than look_ahead, as the paper reports; 0 better)" in notes
+    assert "1 of 2 significant at 95% (1 with random context worse, the paper's direction; 0 with it better)" in notes
     md = write_report(tmp_path, s | {"runs": {}}).read_text()
     nfe4, nfe8 = md.split("| pft | random_context |")[1].split("\n")[0].split("|")[:2]
     marks4, marks8 = nfe4.rsplit("]", 1)[1], nfe8.rsplit("]", 1)[1]

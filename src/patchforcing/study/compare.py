@@ -281,8 +281,8 @@ def _notes(spec, rows, floor, one_seed, n_seeds, tests: Mapping[str, int]) -> li
         worse = [r for r in sig_c if r["vs_context"]["estimate"] > 0]
         notes.append(
             f"Random context against {CONTEXT_RULE} (the paper's PFT-random control; {_test(one_seed)}): "
-            f"{len(sig_c)} of {n_context_tests} significant at {spec.confidence:.0%} ({len(worse)} worse than "
-            f"{CONTEXT_RULE}, as the paper reports; {len(sig_c) - len(worse)} better)."
+            f"{len(sig_c)} of {n_context_tests} significant at {spec.confidence:.0%} ({len(worse)} with random "
+            f"context worse, the paper's direction; {len(sig_c) - len(worse)} with it better)."
         )
     if one_seed:
         notes.append(
