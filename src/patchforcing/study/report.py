@@ -113,7 +113,8 @@ def write_report(out: Path, s: dict[str, Any]) -> Path:
             else "(spread over training seeds combined with the paired bootstrap)."
         )
         + (
-            f" {CONTEXT_MARK}: `random_context` differs from `look_ahead` of the same arm at the same NFE (paired)."
+            f" {CONTEXT_MARK}: `random_context` differs from `look_ahead` of the same arm at the same NFE (paired "
+            f"bootstrap{'' if one_seed else ', combined with the seed spread'})."
             if any("vs_context" in r for r in s["table"])
             else ""
         ),
