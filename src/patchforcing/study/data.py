@@ -183,8 +183,17 @@ def sample_labels(cfg: ExperimentConfig, seed: int = 0) -> SampleLabels:
     return _sample_labels(data, train, seed)
 
 
-def real_sets(cfg: ExperimentConfig, num_samples: int, seed: int = 0, device: torch.device | str = "cpu") -> RealSets:
+def real_sets(
+    cfg: ExperimentConfig,
+    num_samples: int,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    labels: SampleLabels | None = None,
+) -> RealSets:
     """The reference, floor and labels of a study on ``cfg``'s data (see the module docstring).
+
+    ``labels``: the study's :func:`sample_labels` if already read (for ``cfg`` and ``seed``);
+    otherwise they are read here.
 
     Raises:
         StudyError: ``data.val_size`` is below 2 (no held-out images).
@@ -192,7 +201,7 @@ def real_sets(cfg: ExperimentConfig, num_samples: int, seed: int = 0, device: to
     device = torch.device(device)
     check_held_out(cfg)
     data, train, val = _split(cfg)
-    labels = _sample_labels(data, train, seed)
+    labels = labels if labels is not None else _sample_labels(data, train, seed)
     spec = getattr(data, "autoencoder_spec", None)
     decode = None
     if spec is not None and spec.kind != "identity":

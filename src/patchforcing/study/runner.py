@@ -401,9 +401,7 @@ def run_study(
         if not env.is_main:
             return out / "study.md"
         log(f"[3/4] real images: held-out reference and floor (data: {base.data.kind})")
-        real = real_sets(base, spec.num_samples, spec.sample_seed, device=device)
-        if real.classes != labels.classes:
-            raise StudyError("the data changed during the study: its training labels differ from the sampled ones")
+        real = real_sets(base, spec.num_samples, spec.sample_seed, device=device, labels=labels)
         write_real_sets(out / "real", real, spec.num_samples)
         clf = _classifier(spec, out, real, base, log)
         log("[4/4] scoring: features, Fréchet distances, bootstrap intervals, report")
