@@ -568,7 +568,9 @@ class PatchForcingTransformer(nn.Module):
         out = self.unpatchify(self.final_layer(h, c))
         v, logvar = out, None
         if self.predict_uncertainty:
-            v, logvar = out[:, : self.in_channels], out[:, self.in_channels :]
+            # copies, not views of ``out``: torch.compile (2.13) mis-replays outputs that alias one another
+            # in the training step (a garbage view shape); the copy costs one image-sized write
+            v, logvar = out[:, : self.in_channels].contiguous(), out[:, self.in_channels :].contiguous()
         return (v, logvar, z) if return_projection else (v, logvar)
 
     def forward_cached(
