@@ -12,14 +12,19 @@ Measures, in ONE run (so the ratios share the machine's state), round-robin over
    e. as d with ``shared_conditioning = False``                  -- per-token modulation
    f. PFT-T2I-X/2, ``t`` ``(B, N)`` equal rows, per-token path
 
-2. one training step (patch-flow loss, backward, gradient clipping, AdamW): PFT-T2I with LTG
-   per-patch times (every token its own modulation) vs SiT-T2I with one uniform time per image.
+2. one training step (patch-flow loss, backward, gradient clipping, AdamW as the trainer builds it
+   -- fused where ``optim.fused: auto`` fuses -- and the EMA update): PFT-T2I with LTG per-patch
+   times (every token its own modulation) vs SiT-T2I with one uniform time per image; each step's
+   FLOPs counted with ``torch.utils.flop_counter`` and stated as a share of the matmul peak
+   (an n x n x n GEMM in the step's precision) measured in the same run.
 
 Usage::
 
     python benchmarks/t2i_step.py                    # S/2, batch 8, 4x32x32 latents, 32 text tokens of width 384
     python benchmarks/t2i_step.py --size B --markdown
     python benchmarks/t2i_step.py --quick            # smoke run (T/2, few repeats)
+    python benchmarks/t2i_step.py --size 1.2B --channels 32 --text-dim 2048 --text-len 256 \
+        --batch-size 32 --device cuda --dtype bf16   # the paper's PFT-T2I-1.2B (a GPU)
 """
 
 from __future__ import annotations
@@ -30,10 +35,14 @@ import sys
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import patchforcing as pf
+from _common import matmul_peak
 from inference_step import Variant, autocast_ctx, lookahead_times, machine_info, randomize_, ratios, sync
 from patchforcing.conditioning import TextTokens
+from patchforcing.training.ema import EMA
+from patchforcing.training.speed import build_adamw, resolve_fused
 
 
 def build_models(size: str, args, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -41,9 +50,14 @@ def build_models(size: str, args, device: torch.device) -> tuple[torch.nn.Module
     models = []
     for family in ("SiT", "PFT"):
         torch.manual_seed(args.seed)
-        m = pf.create_model(f"{family}-T2I-{size}/2", **kw)
+        m = pf.create_model(model_name(family, size), **kw)
         models.append(randomize_(m, args.seed).to(device).eval())
     return models[0], models[1]
+
+
+def model_name(family: str, size: str) -> str:
+    """``("PFT", "S")`` -> ``"PFT-T2I-S/2"``; ``("PFT", "1.2B")`` -> ``"PFT-T2I-1.2B"``."""
+    return f"{family}-T2I-{size}" if size == "1.2B" else f"{family}-T2I-{size}/2"
 
 
 def make_text(B: int, L: int, dim: int, g: torch.Generator, device: torch.device) -> TextTokens:
@@ -105,8 +119,10 @@ def bench_step(sit, pft, text, args, device) -> list[Variant]:
 
 
 def make_train_step(model, text, args, device):
-    """One full training step (loss, backward, clipping, AdamW) on fixed random data."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    """One full training step (loss, backward, clipping, AdamW, EMA) on fixed random data."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_adamw(params, 1e-4, (0.9, 0.999), 1e-8, 0.0, fused=resolve_fused("auto", device))
+    ema = EMA(model, 0.9999)
     g = torch.Generator(device=device).manual_seed(args.seed + 2)
     x1 = torch.randn(args.batch_size, args.channels, args.input_size, args.input_size, device=device, generator=g)
     sampler = "ltg" if model.per_patch_time else "uniform"
@@ -121,16 +137,20 @@ def make_train_step(model, text, args, device):
         terms["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        ema.update(model, 0)
 
     return step
 
 
-def bench_train(sit, pft, text, args, device) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Wall and process-CPU seconds per training step of each model."""
-    steps = {}
+def bench_train(sit, pft, text, args, device) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, int]]:
+    """Wall and process-CPU seconds per training step of each model, and its FLOPs (one counted step)."""
+    steps, flops = {}, {}
     for name, m in (("SiT-T2I", sit), ("PFT-T2I", pft)):
         m.train()
         steps[name] = make_train_step(m, text, args, device)
+        with FlopCounterMode(display=False) as counter:
+            steps[name]()
+        flops[name] = counter.get_total_flops()
     times: dict[str, list[float]] = {k: [] for k in steps}
     cpu: dict[str, list[float]] = {k: [] for k in steps}
     names = list(steps)
@@ -147,7 +167,7 @@ def bench_train(sit, pft, text, args, device) -> tuple[dict[str, list[float]], d
             print(f"  train round {r + 1}/{args.warmup + args.train_repeats}", file=sys.stderr, flush=True)
     for m in (sit, pft):
         m.eval()
-    return times, cpu
+    return times, cpu, flops
 
 
 def step_table(variants: list[Variant], markdown: bool) -> list[str]:
@@ -186,7 +206,12 @@ def main(argv: list[str] | None = None) -> int:
 
     tune_cpu_allocator()  # same allocator settings as the CLI, for both models
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", default="S", choices=["T", "S", "B"], help="X in PFT-T2I-X/2 and SiT-T2I-X/2")
+    ap.add_argument(
+        "--size",
+        default="S",
+        choices=["T", "S", "B", "1.2B"],
+        help="X in PFT-T2I-X/2 and SiT-T2I-X/2, or 1.2B (the paper's preset)",
+    )
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--input-size", type=int, default=32, help="latent side (N = (side / 2)^2 tokens)")
     ap.add_argument("--channels", type=int, default=4)
@@ -199,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gemm-size", type=int, default=2048, help="n of the n x n x n peak GEMM")
     ap.add_argument("--quick", action="store_true", help="smoke run: T/2, batch 2, 2 repeats")
     ap.add_argument("--markdown", action="store_true", help="also print a Markdown section")
     ap.add_argument("--verbose", action="store_true")
@@ -215,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info(device)
     t0 = time.perf_counter()
     variants = bench_step(sit, pft, text, args, device)
-    train, train_cpu = bench_train(sit, pft, text, args, device)
+    train, train_cpu, flops = bench_train(sit, pft, text, args, device)
+    peak = matmul_peak(torch.bfloat16 if args.dtype == "bf16" else torch.float32, device, args.gemm_size)
     total = time.perf_counter() - t0
 
     by = {v.key: v for v in variants}
@@ -225,8 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     t_min = min(train["PFT-T2I"]) / min(train["SiT-T2I"])
     t_cpu = statistics.median(train_cpu["PFT-T2I"]) / statistics.median(train_cpu["SiT-T2I"])
     n_sit, n_pft = (sum(p.numel() for p in m.parameters()) for m in (sit, pft))
+    pft_name, sit_name = model_name("PFT", args.size), model_name("SiT", args.size)
+    share = {k: flops[k] / statistics.median(train[k]) / peak for k in train}
     head = (
-        f"PFT-T2I-{args.size}/2 ({n_pft:,} parameters) vs SiT-T2I-{args.size}/2 ({n_sit:,}), batch {args.batch_size}, "
+        f"{pft_name} ({n_pft:,} parameters) vs {sit_name} ({n_sit:,}), batch {args.batch_size}, "
         f"{args.channels}x{args.input_size}x{args.input_size} inputs ({pft.num_patches} tokens), captions of "
         f"{args.text_len // 2}-{args.text_len} tokens of width {args.text_dim}, {args.dtype} on {device.type}"
     )
@@ -242,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
         f"training step: PFT-T2I {1e3 * t_pft:.1f} ms, SiT-T2I {1e3 * t_sit:.1f} ms: "
         f"{t_pft / t_sit:.3f}x medians, {t_pair:.3f}x paired, {t_min:.3f}x mins, {t_cpu:.3f}x CPU time"
     )
+    print(
+        f"FLOPs per training step (flop_counter, fwd + bwd): PFT-T2I {flops['PFT-T2I'] / 1e12:.3f} T, SiT-T2I "
+        f"{flops['SiT-T2I'] / 1e12:.3f} T; {args.dtype} matmul peak ({args.gemm_size}^3 GEMM, same run) "
+        f"{peak / 1e12:.2f} TFLOP/s; share of peak: PFT-T2I {share['PFT-T2I']:.1%}, SiT-T2I {share['SiT-T2I']:.1%}"
+    )
     print(f"(total {total:.0f} s)")
     if args.markdown:
         md = [
@@ -254,15 +288,20 @@ def main(argv: list[str] | None = None) -> int:
             "",
             *step_table(variants, markdown=True),
             "",
-            f"Training step (loss, backward, clipping, AdamW; PFT-T2I with LTG per-patch times, SiT-T2I with one "
-            f"uniform time per image), {args.train_repeats} interleaved steps each:",
+            f"Training step (loss, backward, clipping, AdamW, EMA; PFT-T2I with LTG per-patch times, SiT-T2I "
+            f"with one uniform time per image), {args.train_repeats} interleaved steps each; TFLOP per step "
+            f"counted with flop_counter; 'of peak' = achieved FLOP/s over the {args.dtype} matmul peak of this run "
+            f"({peak / 1e12:.2f} TFLOP/s, {args.gemm_size}^3 GEMM):",
             "",
-            "| model | median ms/step | min ms | images/s | ratio (medians) | paired | ratio of mins | CPU-time ratio |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
-            f"| SiT-T2I-{args.size}/2 | {1e3 * t_sit:.1f} | {1e3 * min(train['SiT-T2I']):.1f} | "
-            f"{args.batch_size / t_sit:.2f} | 1.000x | 1.000x | 1.000x | 1.000x |",
-            f"| PFT-T2I-{args.size}/2 | {1e3 * t_pft:.1f} | {1e3 * min(train['PFT-T2I']):.1f} | "
-            f"{args.batch_size / t_pft:.2f} | {t_pft / t_sit:.3f}x | {t_pair:.3f}x | {t_min:.3f}x | {t_cpu:.3f}x |",
+            "| model | median ms/step | min ms | images/s | TFLOP/step | of peak | ratio (medians) | paired | "
+            "ratio of mins | CPU-time ratio |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {sit_name} | {1e3 * t_sit:.1f} | {1e3 * min(train['SiT-T2I']):.1f} | "
+            f"{args.batch_size / t_sit:.2f} | {flops['SiT-T2I'] / 1e12:.3f} | {share['SiT-T2I']:.1%} | "
+            "1.000x | 1.000x | 1.000x | 1.000x |",
+            f"| {pft_name} | {1e3 * t_pft:.1f} | {1e3 * min(train['PFT-T2I']):.1f} | "
+            f"{args.batch_size / t_pft:.2f} | {flops['PFT-T2I'] / 1e12:.3f} | {share['PFT-T2I']:.1%} | "
+            f"{t_pft / t_sit:.3f}x | {t_pair:.3f}x | {t_min:.3f}x | {t_cpu:.3f}x |",
         ]
         print("\n" + "\n".join(md))
     return 0

@@ -19,23 +19,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import patchforcing as pf
-from _common import cpu_model
-
-
-def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 5) -> float:
-    """Achieved FLOP/s of an n x n x n matmul (median of repeats)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times)
+from _common import cpu_model, matmul_peak
 
 
 def _sync(device: torch.device) -> None:
@@ -94,9 +78,11 @@ def main() -> None:
         for n in names
     }
     precisions = args.precisions.split(",")
+    if not precisions or any(p not in ("fp32", "bf16") for p in precisions):
+        raise SystemExit(f"--precisions {args.precisions!r}: give fp32, bf16 or both, comma-separated")
     peaks = {p: matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16, device) for p in precisions}
     steps = {(n, p): make_step(models[n], args.batch_size, p, device) for n in names for p in precisions}
-    flops = {n: count_flops(steps[(n, "fp32")]) for n in names}
+    flops = {n: count_flops(steps[(n, precisions[0])]) for n in names}  # the same FLOPs in every precision
     for s in steps.values():  # warm-up
         s()
     times: dict[tuple[str, str], list[float]] = {k: [] for k in steps}
