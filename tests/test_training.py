@@ -424,3 +424,19 @@ def test_emoji_presets_train(tmp_path, preset):
     assert res.step == 2
     model = pf.load_model(tmp_path / "run")
     assert model.num_classes == 9 and model.image_size == (32, 32)
+
+
+def test_held_out_split_is_fixed_disjoint_and_bounded():
+    """Bugs: a split that changes between calls (the study's reference would leak into training
+    on resume), overlapping halves, or a val_size that leaves nothing to train on."""
+    from patchforcing.training.trainer import split_train_val
+
+    data = list(range(10))
+    train_a, val_a = split_train_val(data, 4)
+    train_b, val_b = split_train_val(data, 4)
+    ids = lambda ds: [ds[i] for i in range(len(ds))]  # noqa: E731
+    assert ids(train_a) == ids(train_b) and ids(val_a) == ids(val_b)
+    assert len(val_a) == 4 and sorted(ids(train_a) + ids(val_a)) == data
+    assert split_train_val(data, 0) == (data, None)
+    with pytest.raises(TrainingError, match=r"data.val_size=5 leaves too little to train on \(10 items\).*val_size=1"):
+        split_train_val(data, 5)

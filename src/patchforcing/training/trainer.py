@@ -131,7 +131,10 @@ def split_train_val(dataset: Dataset, val_size: int, seed: int = 12345) -> tuple
         return dataset, None
     n = len(dataset)
     if val_size >= n // 2:
-        raise TrainingError(f"data.val_size={val_size} leaves too little to train on ({n} items)")
+        raise TrainingError(
+            f"data.val_size={val_size} leaves too little to train on ({n} items): hold out fewer than half, "
+            f"e.g. data.val_size={max(1, n // 8)}"
+        )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return _Subset(dataset, sorted(perm[val_size:])), _Subset(dataset, sorted(perm[:val_size]))
 
