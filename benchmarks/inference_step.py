@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 import patchforcing as pf
-from _common import cpu_model, markdown_header
+from _common import cpu_model, markdown_header, sync
 
 # --------------------------------------------------------------------------------------------
 # Setup helpers
@@ -96,11 +96,6 @@ def autocast_ctx(device: torch.device, dtype: str) -> contextlib.AbstractContext
     if dtype == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import patchforcing as pf
-from _common import cpu_model
+from _common import cpu_model, sync
 from patchforcing.autoencoders import AutoencoderSpec, DiffusersAutoencoder
 from patchforcing.data import NpzImageDataset
 from patchforcing.latents import LatentDataset, OnlineEncodedDataset, encode_source
@@ -64,11 +64,6 @@ def sd_vae(quick: bool):
         latent_channels=4,
         sample_size=256,
     )
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def median_time(fn, repeats: int, device: torch.device) -> float:

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 
 import patchforcing as pf
-from _common import cpu_model
-from latent_throughput import make_images, median_time, sd_vae, sync
+from _common import cpu_model, sync
+from latent_throughput import make_images, median_time, sd_vae
 from patchforcing.autoencoders import AutoencoderSpec, DiffusersAutoencoder
 from patchforcing.encoders import Dinov2Encoder
 from patchforcing.flow.loss import RepaTarget

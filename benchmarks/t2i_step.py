@@ -38,8 +38,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import patchforcing as pf
-from _common import matmul_peak
-from inference_step import Variant, autocast_ctx, lookahead_times, machine_info, randomize_, ratios, sync
+from _common import matmul_peak, sync
+from inference_step import Variant, autocast_ctx, lookahead_times, machine_info, randomize_, ratios
 from patchforcing.conditioning import TextTokens
 from patchforcing.training.ema import EMA
 from patchforcing.training.speed import build_adamw, resolve_fused

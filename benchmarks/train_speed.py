@@ -32,7 +32,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import patchforcing as pf
-from _common import cpu_model
+from _common import cpu_model, sync
 from patchforcing.flow.loss import patch_flow_loss
 from patchforcing.flow.timesteps import make_timestep_sampler
 from patchforcing.models.attention import attention, set_attention_kernel
@@ -122,16 +122,11 @@ def machine_line(device: torch.device) -> str:
     return f"{device.type}: {name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(fn: Callable[[], object], device: torch.device) -> float:
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 

@@ -19,12 +19,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import patchforcing as pf
-from _common import cpu_model, matmul_peak
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from _common import cpu_model, matmul_peak, sync
 
 
 def make_step(model, batch: int, precision: str, device: torch.device):
@@ -88,10 +83,10 @@ def main() -> None:
     times: dict[tuple[str, str], list[float]] = {k: [] for k in steps}
     for _ in range(args.repeats):
         for k, s in steps.items():
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             s()
-            _sync(device)
+            sync(device)
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
 

@@ -172,7 +172,8 @@ def test_sample_cli_on_cuda_equals_the_cpu(tmp_path, tiny_pft, capsys):
     """Bug: the CLI's ``--device cuda`` drawing noise or labels on the device (samples must depend
     only on the sample index, whatever the device)."""
     ckpt = str(pf.save_model(tiny_pft, tmp_path / "m.safetensors"))
-    for dev in ("cpu", CUDA.type):
+    outs = [(dev, tmp_path / f"{i}-{dev}.npz") for i, dev in enumerate(("cpu", CUDA.type))]
+    for dev, out in outs:
         argv = [
             "sample",
             ckpt,
@@ -183,10 +184,10 @@ def test_sample_cli_on_cuda_equals_the_cpu(tmp_path, tiny_pft, capsys):
             "--device",
             dev,
             "--out",
-            str(tmp_path / f"{dev}.npz"),
+            str(out),
         ]
         assert main(argv) == 0, capsys.readouterr().err
-    a, b = (np.load(tmp_path / f"{d}.npz")["arr_0"].astype(int) for d in ("cpu", CUDA.type))
+    a, b = (np.load(out)["arr_0"].astype(int) for _, out in outs)
     assert a.shape == b.shape == (8, 8, 8, 3)
     assert np.abs(a - b).max() <= 1  # uint8 images: at most one rounding step apart
 
