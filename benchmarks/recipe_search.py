@@ -2,7 +2,8 @@
 
 Each *recipe* is a set of dotted overrides of a base config (``emoji32`` by default: model size
 and patch, learning rate, batch, ...). For every recipe the script runs ``patchforcing study``
-itself (:func:`patchforcing.study.run_study`) with the SiT and PFT arms, one seed, the dense
+itself (:func:`patchforcing.study.run_study`) with the SiT and PFT arms, ``--seeds`` training seeds
+(one by default), the dense
 baseline samplers (``euler`` / ``euler_pf``) at one NFE budget, and extends the training through a
 list of step marks: each mark resumes the runs of the previous one (the trainer's exact resume;
 the schedule is warm-up then constant, so a run stopped at a mark equals a shorter run) and
@@ -30,6 +31,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from _common import markdown_header
@@ -58,12 +60,17 @@ def parse_recipe(text: str) -> tuple[str, list[str], list[int] | None]:
 
 
 def points_of(study_json: dict, recipe: str) -> list[dict]:
-    """One point per (arm) of a finished study: steps, training minutes, FD with interval, floor."""
+    """One point per (arm) of a finished study: steps, training minutes, FD with interval, floor.
+    With several seeds the FD is the study's mean over seeds with its seed interval, ``fd_by_seed``
+    the per-seed values, and minutes and images/s are means over the arm's runs."""
     floor = study_json["floor"]["fd"]
+    timing = study_json["timing"]["runs"]
     out = []
     for row in study_json["table"]:
-        run = next(r for r, v in study_json["runs"].items() if v["arm"] == row["arm"])
-        seconds = study_json["timing"]["runs"][run]["train_seconds"]
+        runs = [r for r, v in study_json["runs"].items() if v["arm"] == row["arm"]]
+        run = runs[0]
+        seconds = float(np.mean([timing[r]["train_seconds"] for r in runs]))
+        rates = [timing[r]["images_per_sec"] for r in runs if timing[r].get("images_per_sec")]
         out.append(
             {
                 "recipe": recipe,
@@ -73,8 +80,10 @@ def points_of(study_json: dict, recipe: str) -> list[dict]:
                 "nfe": row["nfe"],
                 "steps": study_json["runs"][run]["steps"],
                 "train_minutes": seconds / 60.0,
-                "images_per_sec": study_json["timing"]["runs"][run]["images_per_sec"],
+                "images_per_sec": float(np.mean(rates)) if rates else None,
+                "minutes_by_seed": [timing[r]["train_seconds"] / 60.0 for r in runs],
                 "fd": row["fd"],
+                "fd_by_seed": row.get("fd_by_seed", [row["fd"]]),
                 "low": row["low"],
                 "high": row["high"],
                 "floor": floor,
@@ -124,9 +133,11 @@ def figure(points: list[dict], path: Path) -> None:
 
 
 def markdown(points: list[dict]) -> str:
+    seeds = any(len(p.get("fd_by_seed", [])) > 1 for p in points)
     lines = [
-        "| recipe | arm | model | steps | train min | images/s | FD_classifier [95 %] | x floor | precision | recall |",
-        "|---|---|---|---:|---:|---:|---|---:|---:|---:|",
+        "| recipe | arm | model | steps | train min | images/s | FD_classifier [95 %] | x floor | precision | recall |"
+        + (" FD by seed |" if seeds else ""),
+        "|---|---|---|---:|---:|---:|---|---:|---:|---:|" + ("---|" if seeds else ""),
     ]
     for p in sorted(points, key=lambda p: (p["recipe"], p["arm"], p["steps"])):
         ips = f"{p['images_per_sec']:.0f}" if p["images_per_sec"] else "-"
@@ -134,6 +145,7 @@ def markdown(points: list[dict]) -> str:
             f"| {p['recipe']} | {p['arm']} | {p['model']} | {p['steps']} | {p['train_minutes']:.1f} | {ips} | "
             f"{p['fd']:.3f} [{p['low']:.3f}, {p['high']:.3f}] | {p['x_floor']:.1f}x | "
             f"{p['precision']:.2f} | {p['recall']:.2f} |"
+            + (" " + ", ".join(f"{v:.3f}" for v in p.get("fd_by_seed", [p["fd"]])) + " |" if seeds else "")
         )
     return "\n".join(lines)
 
@@ -144,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipe", action="append", type=parse_recipe, help="NAME:KEY=VALUE,...[@STEPS,...] (repeatable)")
     ap.add_argument("--steps", default="300,700", help="comma-separated step marks (each resumes the last)")
     ap.add_argument("--arms", default="sit,pft")
+    ap.add_argument("--seeds", type=int, default=1, help="training seeds per recipe (the study's --seeds)")
     ap.add_argument("--nfe", type=int, default=20)
     ap.add_argument("--num-samples", type=int, default=512)
     ap.add_argument("--classifier-epochs", type=int, default=30)
@@ -170,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 base = load_config(args.config, [*overrides, f"train.max_steps={steps}", "train.progress=false"])
                 spec = StudySpec(
                     arms=arms,
-                    seeds=1,
+                    seeds=args.seeds,
                     nfe=[args.nfe],
                     samplers=["euler_pf"],
                     num_samples=args.num_samples,
