@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -39,6 +40,7 @@ from patchforcing.models.attention import attention, set_attention_kernel
 from patchforcing.training.ema import EMA
 from patchforcing.training.speed import build_adamw
 from patchforcing.training.trainer import apply_label_dropout, step_generator
+from patchforcing.utils.compile import CPU_FALLBACK_OPTIONS, checked_compile
 from patchforcing.utils.devices import cpu_has_native_bf16
 
 DEFAULT_VARIANTS = (
@@ -192,8 +194,19 @@ class Bench:
     def forward_for(self, v: Variant):
         if not v.compile:
             return _View(self.model, self.model)
-        if self.compiled is None:
-            self.compiled = torch.compile(self.model)
+        if self.compiled is None:  # as the trainer compiles: checked against eager first (utils/compile.py)
+
+            def probe(fn):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=v.precision == "bf16"):
+                    g = torch.Generator(device=self.device).manual_seed(0)
+                    terms = patch_flow_loss(
+                        _View(fn, self.model), self.x, self.y, timestep_sampler=self.sampler, generator=g
+                    )
+                terms["loss"].backward()
+
+            fallbacks = CPU_FALLBACK_OPTIONS if self.device.type == "cpu" else ()
+            self.compiled, check = checked_compile(self.model, probe, fallbacks=fallbacks)
+            print(f"{self.name}: {check.describe()}", file=sys.stderr)
         return _View(self.compiled, self.model)
 
     def step(self, v: Variant) -> float:

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 import patchforcing as pf
+from patchforcing.utils.compile import randomize_parameters_
 
 torch.set_num_threads(2)
 
@@ -27,12 +28,7 @@ T2I_TINY = dict(
 
 def randomize(model: nn.Module, std: float = 0.05, seed: int = 0) -> nn.Module:
     """Give every trainable weight (incl. the zero-initialised ones) random values."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
+    return randomize_parameters_(model, seed, std)
 
 
 @pytest.fixture

@@ -112,6 +112,25 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert sorted(p.name for p in last.parent.glob("step_*.pt")) == ["step_0000002.pt"]
 
 
+def test_nonfinite_gradients_stop_before_the_optimiser_step(tmp_path):
+    """A finite loss with NaN gradients (what a miscompiled backward gives) stops the run before the
+    optimiser step: the weights in memory and in the last checkpoint stay finite."""
+    cfg = _cfg("train.max_steps=6", "train.ckpt_every=2")
+    trainer = Trainer(cfg, tmp_path / "run")
+
+    def poison(tr, step):
+        if step == 3:
+            tr.model.blocks[0].mlp.fc1.weight.register_hook(lambda g: g * float("nan"))
+
+    trainer.add_step_callback(poison)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite gradients \(norm nan\) at step 4.*step 2"):
+        trainer.fit()
+    assert trainer.step == 3 and all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    trainer.close()
+    state = _state(tmp_path / "run")
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
 def test_resume_with_incompatible_config_is_refused(tmp_path):
     train(_cfg("train.max_steps=2"), tmp_path / "run")
     with pytest.raises(TrainingError, match=r"optim.lr: run has 0.001, now 0.002"):

@@ -41,6 +41,7 @@ from ..models import PatchForcingTransformer, create_model
 from ..models.attention import set_attention_kernel
 from ..models.registry import is_text_to_image
 from ..sampling import sample
+from ..utils.compile import CPU_FALLBACK_OPTIONS, CompileCheck, checked_compile
 from ..utils.devices import auto_precision, resolve_device, torchrun_env
 from ..utils.io import RunLock, RunLockedError, atomic_write, clean_temp_files, ensure_writable_dir, torch_save_atomic
 from ..utils.seeding import item_hash
@@ -396,8 +397,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda k: lr_factor(k, warmup))
         self.timestep_sampler = make_timestep_sampler(cfg.objective.timestep_sampler, **cfg.objective.timestep_options)
         forward: Callable = self.model
+        self.compile_check: CompileCheck | None = None
         if tc.compile:
-            forward = torch.compile(self.model)
+            forward = self._compile()
         if self.env.distributed and not self.fsdp:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DDP(forward if isinstance(forward, nn.Module) else self.model, device_ids=ids)
@@ -408,6 +410,51 @@ class Trainer:
         self.step = 0
         if resume:
             self._resume()
+
+    # ---- train.compile ----------------------------------------------------------------------------
+
+    def _compile(self) -> Callable:
+        """``torch.compile`` of the model, checked against eager first (:func:`checked_compile`): one
+        forward/backward of the training loss on a micro-batch of the real shapes, on a copy with random
+        weights; on a CPU the AVX2 code generator is tried when the default code disagrees, and the
+        model runs eagerly when nothing agrees. (FSDP: compiled unchecked; its shards cannot be copied.)"""
+        if self.fsdp:
+            return torch.compile(self.model)
+        forward, check = checked_compile(
+            self.model,
+            self._compile_probe(),
+            fallbacks=CPU_FALLBACK_OPTIONS if self.device.type == "cpu" else (),
+        )
+        self.compile_check = check
+        if check.fell_back and self.env.is_main:
+            print(f"note: {check.describe()}")
+        return forward
+
+    def _compile_probe(self) -> Callable[[Callable], None]:
+        """The training loss on a fixed random micro-batch, as ``_micro_steps`` computes it."""
+        model, b, dev = self.model, self.micro_batch, self.device
+        g = torch.Generator(device=dev).manual_seed(0)
+        x = torch.randn((b, model.in_channels, *model.image_size), generator=g, device=dev)
+        if self.text is not None:
+            prompts = self._grid_prompts() or [""]
+            y = self._condition([prompts[i % len(prompts)] for i in range(b)], None, 0.0)
+        else:
+            y = torch.randint(0, max(1, self.num_classes), (b,), generator=g, device=dev)
+
+        def probe(fn: Callable) -> None:
+            torch.manual_seed(0)  # (text-to-image: the RoPE jitter; the caller restores the global RNG)
+            with self._autocast():
+                terms = patch_flow_loss(
+                    _ModelView(fn, model),
+                    x,
+                    y,
+                    timestep_sampler=self.timestep_sampler,
+                    uncertainty_weight=self.cfg.objective.uncertainty_weight,
+                    generator=torch.Generator(device=dev).manual_seed(1),
+                )
+            terms["loss"].backward()
+
+        return probe
 
     # ---- text conditioning (text-to-image, docs/t2i.md) -------------------------------------------
 
@@ -736,17 +783,38 @@ class Trainer:
             ``(grad_norm, lr, ema_decay)``: the total L2 gradient norm before clipping, the
             learning rate and the EMA decay this step used.
         """
+        grad_norm = self._clip_gradients()
+        return (grad_norm, *self._step_optimizer())
+
+    def _clip_gradients(self) -> Tensor:
+        """Clip to ``optim.grad_clip``; returns the total L2 gradient norm before clipping."""
         clip = self.cfg.optim.grad_clip
         # grad_clip <= 0: off (an infinite bound measures the norm and leaves the gradients alone)
-        grad_norm = local_value(  # (FSDP: a replicated DTensor)
+        return local_value(  # (FSDP: a replicated DTensor)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
         )
+
+    def _step_optimizer(self) -> tuple[float, float]:
+        """The optimiser and scheduler step, the EMA update, ``self.step += 1``; returns ``(lr, ema_decay)``."""
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         decay = self.ema.update(self.model, self.step)
         self.step += 1
-        return grad_norm, lr, decay
+        return lr, decay
+
+    def _non_finite(self, what: str, last_ckpt: Path | None) -> NonFiniteLossError:
+        good = f"step {self._last_saved_step()}" if last_ckpt else "none yet"
+        hint = (
+            " The loss was finite: if this is the first step with train.compile=true, run without it to"
+            " rule out the compiler."
+            if "gradients" in what and self.cfg.train.compile
+            else ""
+        )
+        return NonFiniteLossError(
+            f"{what} at step {self.step + 1}; stopping. The last good checkpoint ({good}) in {self.ckpt_dir} "
+            "is untouched. Lower optim.lr, raise optim.warmup_steps or use train.precision=fp32." + hint
+        )
 
     def fit(self) -> TrainResult:
         """Run until ``train.max_steps`` (or a stop request); returns where things are."""
@@ -775,13 +843,11 @@ class Trainer:
                 totals = self._train_step(batches)
                 loss = all_reduce_mean(totals["loss"], env)
                 if not torch.isfinite(loss):
-                    good = f"step {self._last_saved_step()}" if last_ckpt else "none yet"
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({loss.item()}) at step {self.step + 1}; stopping. The last good "
-                        f"checkpoint ({good}) in {self.ckpt_dir} is untouched. Lower optim.lr, raise "
-                        "optim.warmup_steps or use train.precision=fp32."
-                    )
-                grad_norm, lr, decay = self._apply_gradients()
+                    raise self._non_finite(f"non-finite loss ({loss.item()})", last_ckpt)
+                grad_norm = self._clip_gradients()
+                if not torch.isfinite(grad_norm):  # before the optimiser step: the weights stay finite
+                    raise self._non_finite(f"non-finite gradients (norm {float(grad_norm)})", last_ckpt)
+                lr, decay = self._step_optimizer()
                 seen += cfg.optim.batch_size
                 bar.update(1)
                 for fn in self._on_step_end:

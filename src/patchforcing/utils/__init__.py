@@ -1,9 +1,10 @@
-"""General helpers shared by every domain module: file I/O, seeding, devices and processes.
+"""General helpers shared by every domain module: file I/O, seeding, devices, processes, checked compilation.
 
 Nothing here knows about models, objectives or samplers; domain modules import from here, never
 the other way round.
 """
 
+from .compile import CompileCheck, checked_compile
 from .devices import DeviceError, module_device, resolve_device, torchrun_env
 from .io import (
     RunLock,
@@ -20,10 +21,12 @@ from .io import (
 from .seeding import hashed_generator, indexed_randn, item_hash
 
 __all__ = [
+    "CompileCheck",
     "DeviceError",
     "RunLock",
     "RunLockedError",
     "atomic_write",
+    "checked_compile",
     "clean_temp_files",
     "ensure_writable_dir",
     "hashed_generator",
