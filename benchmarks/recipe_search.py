@@ -36,6 +36,7 @@ import torch
 
 from _common import markdown_header
 from inference_step import machine_info
+from patchforcing.analysis.stats import welch_interval
 from patchforcing.study import StudySpec, parse_arms, parse_int_list, run_study
 from patchforcing.training.config import load_config
 from patchforcing.utils.io import read_json, write_json_atomic
@@ -150,6 +151,32 @@ def markdown(points: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def comparisons(points: list[dict], confidence: float = 0.95) -> str:
+    """Every recipe against the first one, per arm, at the same number of training images (steps x batch):
+    the difference of the mean FDs over seeds with its Welch interval (``*``: excludes 0), and the ratio of
+    the mean training minutes. Empty without seeds or without a second recipe."""
+    with_seeds = [p for p in points if len(p.get("fd_by_seed", [])) > 1 and p.get("batch_size")]
+    recipes = list(dict.fromkeys(p["recipe"] for p in with_seeds))
+    if len(recipes) < 2:
+        return ""
+    lines = [
+        f"| recipe - {recipes[0]} | arm | images seen | steps | FD difference [{confidence:.0%} Welch] | minutes ratio |",
+        "|---|---|---:|---|---|---:|",
+    ]
+    base = {(p["arm"], p["steps"] * p["batch_size"]): p for p in with_seeds if p["recipe"] == recipes[0]}
+    for p in sorted(with_seeds, key=lambda p: (p["recipe"], p["arm"], p["steps"])):
+        ref = base.get((p["arm"], p["steps"] * p["batch_size"]))
+        if p["recipe"] == recipes[0] or ref is None:
+            continue
+        iv = welch_interval(p["fd_by_seed"], ref["fd_by_seed"], confidence)
+        mark = " *" if iv.excludes_zero else ""
+        lines.append(
+            f"| {p['recipe']} | {p['arm']} | {p['steps'] * p['batch_size']:,} | {p['steps']} vs {ref['steps']} | "
+            f"{iv.estimate:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]{mark} | {p['train_minutes'] / ref['train_minutes']:.2f} |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--config", default="emoji32", help="base preset or YAML (default emoji32)")
@@ -201,11 +228,14 @@ def main(argv: list[str] | None = None) -> int:
                 new = points_of(json.loads((folder / "study.json").read_text()), name)
                 for p in new:
                     p["overrides"] = overrides
+                    p["batch_size"] = base.optim.batch_size
                 points = [p for p in points if not (p["recipe"] == name and p["steps"] == steps)] + new
                 write_json_atomic(results_path, {"points": points})
     if not points:
         print("no finished points yet", file=sys.stderr)
         return 1
+    for p in points:  # (points written before batch_size was recorded)
+        p.setdefault("batch_size", load_config(args.config, p.get("overrides", [])).optim.batch_size)
     figure(points, args.out / "fd_vs_minutes.png")
     cmd = "python benchmarks/recipe_search.py " + " ".join(sys.argv[1:] if argv is None else argv)
     header = markdown_header(
@@ -213,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("\n".join(header))
     print(markdown(points))
+    table = comparisons(points)
+    if table:
+        print("\n" + table)
     return 0
 
 

@@ -29,6 +29,7 @@ from patchforcing.analysis.stats import (
     replicate_indices,
     student_t_quantile,
     t_interval,
+    welch_interval,
 )
 from patchforcing.cli import main
 from patchforcing.evaluation import feature_statistics, frechet_distance
@@ -95,6 +96,25 @@ def test_student_t_interval_known_quantiles_and_coverage():
     assert 0.935 <= hits / trials <= 0.965, hits / trials
     one = t_interval([2.0])
     assert one.estimate == 2.0 and math.isnan(one.low) and math.isnan(one.high)
+
+
+def test_welch_interval_known_answers_and_coverage():
+    # equal spreads and sizes: df = 2 (n - 1) = 4, half-width t_{.975,4} * sqrt(2/3)
+    iv = welch_interval([0.0, 1.0, 2.0], [10.0, 11.0, 12.0])
+    assert iv.estimate == -10.0 and iv.excludes_zero
+    assert iv.high - iv.estimate == pytest.approx(2.7764 * math.sqrt(2 / 3), abs=1e-3)
+    # unequal: se^2 = 1/3 + (5/3)/4 = 0.75, df = 0.75^2 / ((1/3)^2/2 + (5/12)^2/3) = 4.959
+    iv = welch_interval([1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0])
+    assert iv.estimate == -3.5
+    assert iv.high - iv.estimate == pytest.approx(student_t_quantile(0.975, 4.959) * math.sqrt(0.75), abs=1e-3)
+    assert not welch_interval([1.0, 2.0, 3.0], [1.5, 2.5, 2.0]).excludes_zero
+    assert math.isnan(welch_interval([1.0], [2.0, 3.0]).low) and math.isnan(welch_interval([1.0, 1.0], [2.0, 2.0]).high)
+    rng = np.random.default_rng(7)
+    hits, trials = 0, 3000
+    for _ in range(trials):  # 3 seeds each, spreads 1 and 3: the interval covers the true difference ~95 %
+        iv = welch_interval(rng.normal(1.0, 1.0, size=3), rng.normal(0.0, 3.0, size=3))
+        hits += iv.low <= 1.0 <= iv.high
+    assert 0.93 <= hits / trials <= 0.985, hits / trials
 
 
 def test_centered_interval_is_not_displaced_by_resampling_bias():

@@ -33,6 +33,7 @@ __all__ = [
     "student_t_cdf",
     "student_t_quantile",
     "t_interval",
+    "welch_interval",
     "combined_interval",
 ]
 
@@ -308,6 +309,25 @@ def t_interval(values: Any, confidence: float = 0.95) -> Interval:
         return Interval(mean, float("nan"), float("nan"), c)
     half = student_t_quantile((1 + c) / 2, v.size - 1) * float(v.std(ddof=1)) / math.sqrt(v.size)
     return Interval(mean, mean - half, mean + half, c)
+
+
+def welch_interval(a: Any, b: Any, confidence: float = 0.95) -> Interval:
+    """Interval of ``mean(a) - mean(b)`` for two independent samples (e.g. per-seed FDs of two training
+    recipes): Welch's ``t`` with the Welch-Satterthwaite degrees of freedom; NaN bounds when either
+    sample has fewer than two values or both have no spread."""
+    c = _check_confidence(confidence)
+    x, y = (np.asarray(v, dtype=np.float64).ravel() for v in (a, b))
+    if x.size == 0 or y.size == 0:
+        raise ValueError("welch_interval: no values")
+    diff = float(x.mean() - y.mean())
+    if x.size < 2 or y.size < 2:
+        return Interval(diff, float("nan"), float("nan"), c)
+    vx, vy = float(x.var(ddof=1)) / x.size, float(y.var(ddof=1)) / y.size
+    if vx + vy == 0:
+        return Interval(diff, float("nan"), float("nan"), c)
+    df = (vx + vy) ** 2 / (vx**2 / (x.size - 1) + vy**2 / (y.size - 1))
+    half = student_t_quantile((1 + c) / 2, df) * math.sqrt(vx + vy)
+    return Interval(diff, diff - half, diff + half, c)
 
 
 def combined_interval(estimate: float, *intervals: Interval) -> Interval:

@@ -200,7 +200,11 @@ class TrainSection:
     process ignores it; checkpoints are the same single file either way.
     ``attention``: the attention kernel of the training steps, ``sdpa`` (PyTorch's fused kernel),
     ``math`` (explicit matmuls, softmax in fp32) or ``auto`` (``math`` for bf16 on a CPU, where SDPA's
-    bf16 backward is slow, ``sdpa`` otherwise); the EMA and sampling always use ``sdpa``."""
+    bf16 backward is slow, ``sdpa`` otherwise); the EMA and sampling always use ``sdpa``.
+    ``compile``: ``torch.compile`` the model for the training steps, checked first: one forward/backward of
+    the training loss through a randomly weighted copy, compiled and eager, must give the same gradients
+    (:func:`patchforcing.utils.compile.checked_compile`); when the default inductor code disagrees, a CPU
+    run tries the AVX2 code generator, and else trains eagerly; the run prints what it chose."""
 
     max_steps: int = 400000
     seed: int = 0
