@@ -375,6 +375,29 @@ def test_training_with_repa_resumes_exactly_and_logs_the_term(tmp_path, dino_dir
     assert torch.equal(a.x, b.x)
 
 
+def test_compile_check_exercises_the_repa_forward(tmp_path, dino_dir, monkeypatch):
+    """``train.compile=true`` with REPA: the check runs the projection path too, so a compilation whose
+    projector gradients are wrong (here: scaled by 2, only when the projection is asked for) is rejected."""
+
+    def compile_fn(module, options=None):
+        if options:  # the fallback: right
+            return module
+
+        def wrong(*args, **kwargs):
+            out = module(*args, **kwargs)
+            if kwargs.get("return_projection"):
+                out[2].register_hook(lambda g: 2 * g)
+            return out
+
+        return wrong
+
+    monkeypatch.setattr(torch, "compile", compile_fn)
+    trainer = Trainer(_repa_cfg(dino_dir, "train.compile=true", "train.max_steps=1"), tmp_path / "run")
+    check = trainer.compile_check
+    assert check.options == {"cpp.simdlen": 256} and check.tried[0][1] > 0.1
+    trainer.close()
+
+
 def test_repa_checkpoint_into_plain_model_drops_projector_with_note_and_samples_identically(tmp_path, capsys):
     repa = _randomize(_tiny(dict(encoder_depth=2, z_dim=8, projector_dim=16))).eval()
     path = pf.save_model(repa, tmp_path / "repa.safetensors")

@@ -23,7 +23,7 @@ from patchforcing.encoders.text import (  # noqa: E402
     minilm_path,
     text_encoder_info_from_checkpoint,
 )
-from patchforcing.training import ConfigError, load_config, train  # noqa: E402
+from patchforcing.training import ConfigError, Trainer, load_config, train  # noqa: E402
 from patchforcing.training.text import caption_dropout  # noqa: E402
 from patchforcing.training.trainer import apply_label_dropout  # noqa: E402
 
@@ -101,6 +101,25 @@ def test_t2i_resume_is_exact_with_rope_jitter(tmp_path, trained_run, captioned_n
     train(cfg4, tmp_path / "split", resume=True)
     a = torch.load(root / "run" / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "checkpoints" / "last.pt", weights_only=True)
+    for key in ("model", "ema"):
+        for name, t in a[key].items():
+            assert torch.equal(t, b[key][name]), (key, name)
+
+
+def test_compile_check_on_a_text_model_is_deterministic_and_leaves_the_run_alone(
+    tmp_path, trained_run, captioned_npz, monkeypatch
+):
+    """``train.compile=true`` for a text-to-image model: the check's probe (captions, RoPE jitter) sees the same
+    inputs on every call, so a compilation equal to eager agrees exactly, and the run is the eager run."""
+    root, _ = trained_run
+    monkeypatch.setattr(torch, "compile", lambda module, options=None: module)
+    cfg = _cfg(captioned_npz, root / "cache", "train.max_steps=4", "model.rope_jitter=0.3", "train.compile=true")
+    trainer = Trainer(cfg, tmp_path / "c")
+    assert trainer.compile_check.tried == [({}, 0.0)] and trainer.compile_check.compiled
+    trainer.fit()
+    trainer.close()
+    a = torch.load(root / "run" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "c" / "checkpoints" / "last.pt", weights_only=True)
     for key in ("model", "ema"):
         for name, t in a[key].items():
             assert torch.equal(t, b[key][name]), (key, name)

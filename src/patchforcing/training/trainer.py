@@ -431,7 +431,8 @@ class Trainer:
         return forward
 
     def _compile_probe(self) -> Callable[[Callable], None]:
-        """The training loss on a fixed random micro-batch, as ``_micro_steps`` computes it."""
+        """The training loss on a fixed random micro-batch, as ``_micro_steps`` computes it (REPA: with random
+        target features)."""
         model, b, dev = self.model, self.micro_batch, self.device
         g = torch.Generator(device=dev).manual_seed(0)
         x = torch.randn((b, model.in_channels, *model.image_size), generator=g, device=dev)
@@ -440,6 +441,10 @@ class Trainer:
             y = self._condition([prompts[i % len(prompts)] for i in range(b)], None, 0.0)
         else:
             y = torch.randint(0, max(1, self.num_classes), (b,), generator=g, device=dev)
+        repa = {}
+        if self.cfg.repa.enabled:  # the REPA forward (return_projection) too, against random features
+            z = torch.randn((b, model.num_patches, model.config.repa.z_dim), generator=g, device=dev)
+            repa = {"repa": RepaTarget(features=z, weight=self.cfg.repa.weight, grid=model.grid_size)}
 
         def probe(fn: Callable) -> None:
             torch.manual_seed(0)  # (text-to-image: the RoPE jitter; the caller restores the global RNG)
@@ -451,6 +456,7 @@ class Trainer:
                     timestep_sampler=self.timestep_sampler,
                     uncertainty_weight=self.cfg.objective.uncertainty_weight,
                     generator=torch.Generator(device=dev).manual_seed(1),
+                    **repa,
                 )
             terms["loss"].backward()
 
